@@ -1,0 +1,54 @@
+"""The self-describing checkpoint: model config, vocabulary, params and weights in one file.
+
+Evaluate, predict and the MLflow model rebuild the captioner from it alone, and it loads with
+`torch.load(weights_only=True)`: plain dicts, lists, numbers, strings and tensors, no pickled classes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from captioning.io import atomic_path
+from captioning.model import Captioner
+from captioning.text import Vocabulary
+
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(path: str | Path, model: Captioner, vocab: Vocabulary, params: dict,
+                    state_dict: dict | None = None) -> None:
+    """Write the checkpoint atomically; `state_dict` overrides the model's current weights."""
+    payload = {
+        "format": FORMAT,
+        "config": model.config,
+        "vocab": vocab.words,
+        "params": params,
+        "state_dict": state_dict if state_dict is not None else model.state_dict(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[Captioner, Vocabulary, dict]:
+    """(model in eval mode, vocab, the params it was trained with)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint; run the train stage first (dvc repro train)")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a captioning checkpoint of format {FORMAT}")
+    vocab = Vocabulary(ckpt["vocab"])
+    if len(vocab) != ckpt["config"]["vocab_size"]:
+        raise CheckpointError(
+            f"{path}: its vocabulary has {len(vocab)} words but its model expects "
+            f"{ckpt['config']['vocab_size']}; the file is inconsistent, retrain it"
+        )
+    model = Captioner(ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), vocab, ckpt["params"]

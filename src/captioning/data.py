@@ -1,0 +1,92 @@
+"""Torch datasets, the batch sampler and collate.
+
+Training items are images, each with all of its captions: the CNN then runs once per image per
+epoch (the seed ran it once per caption, ~5x the work for the same gradient signal), and the
+decoder still sees every caption once per epoch. Captions are tokenized once, up front.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from captioning.datasets import Split
+from captioning.images import EvalTransform, TrainTransform, load_rgb
+from captioning.text import Vocabulary
+
+
+class CaptionDataset(Dataset):
+    """Item (index, item_seed) -> (image (3, S, S), [caption ids (L_i,), ...])."""
+
+    def __init__(self, split: Split, vocab: Vocabulary, transform: TrainTransform):
+        # Images without captions teach nothing: leave them out.
+        self.records = [r for r in split.images if split.captions[r["id"]]]
+        self.paths = [split.image_path(r) for r in self.records]
+        self.captions = [[torch.tensor(vocab.encode(c)) for c in split.captions[r["id"]]]
+                         for r in self.records]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, item_seed = item
+        image = self.transform(load_rgb(self.paths[index]), random.Random(item_seed))
+        return image, self.captions[index]
+
+
+class ImageDataset(Dataset):
+    """Item index -> (image (3, S, S), index): for captioning a list of images."""
+
+    def __init__(self, paths: list, transform: EvalTransform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.transform(load_rgb(self.paths[index])), index
+
+
+class EpochBatchSampler(Sampler):
+    """Shuffled batches of (index, item_seed), a pure function of (seed, epoch).
+
+    `start` skips batches already trained on, so a resumed epoch continues exactly where the
+    interrupted one stopped.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, start: int = 0):
+        self.size, self.batch_size, self.seed, self.epoch, self.start = size, batch_size, seed, epoch, start
+
+    def batches(self) -> list[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        base = (self.seed * 100_003 + self.epoch) * 10_000_019
+        items = [(i, base + i) for i in order]
+        return [items[k:k + self.batch_size] for k in range(0, self.size, self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        yield from self.batches()[self.start:]
+
+    def __len__(self) -> int:
+        return max(0, -(-self.size // self.batch_size) - self.start)
+
+
+def collate_captions(batch):
+    """Stack images; flatten, sort (longest first, as pack_padded_sequence wants) and pad captions.
+
+    Returns images (B, 3, S, S), captions (N, L) padded with 0 (<pad>), lengths (N,) and
+    image_index (N,): the row in `images` that caption n describes.
+    """
+    images = torch.stack([image for image, _ in batch])
+    pairs = [(caption, b) for b, (_, captions) in enumerate(batch) for caption in captions]
+    pairs.sort(key=lambda p: len(p[0]), reverse=True)
+    lengths = torch.tensor([len(c) for c, _ in pairs])
+    captions = torch.zeros(len(pairs), int(lengths[0]), dtype=torch.long)
+    for n, (caption, _) in enumerate(pairs):
+        captions[n, : len(caption)] = caption
+    image_index = torch.tensor([b for _, b in pairs])
+    return images, captions, lengths, image_index

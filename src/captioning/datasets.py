@@ -1,0 +1,111 @@
+"""Dataset sources, all ending in one layout that the later stages read:
+
+    <root>/<split>/captions.json   COCO captions format: images[{id, file_name, width, height, ...}],
+                                   annotations[{id, image_id, caption}]
+    <root>/<split>/images/<file_name>
+
+for split in train, val, test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from tqdm import tqdm
+
+from captioning import synthetic
+from captioning.params import DataParams
+
+SPLITS = ("train", "val", "test")
+
+
+class DatasetError(ValueError):
+    """Malformed dataset input; the message names the file and the record."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split read from its captions file."""
+
+    images: list[dict]  # COCO image records, in file order
+    captions: dict[int, list[str]]  # image id -> its reference captions
+    images_dir: Path
+
+    def image_path(self, record: dict) -> Path:
+        return self.images_dir / record["file_name"]
+
+
+def captions_path(root: str | Path, split: str) -> Path:
+    return Path(root) / split / "captions.json"
+
+
+def images_dir(root: str | Path, split: str) -> Path:
+    return Path(root) / split / "images"
+
+
+def read_split(root: str | Path, split: str, images_root: str | Path | None = None) -> Split:
+    """Read `<root>/<split>/captions.json`; images from `images_root/<split>/images` (default root)."""
+    path = captions_path(root, split)
+    try:
+        coco = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: missing; run the download stage first (dvc repro download)") from None
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: not valid JSON ({err})") from None
+    for key in ("images", "annotations"):
+        if not isinstance(coco.get(key), list):
+            raise DatasetError(f"{path}: no '{key}' list; expected COCO captions format")
+    captions: dict[int, list[str]] = {}
+    for n, image in enumerate(coco["images"]):
+        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+            raise DatasetError(f"{path}: images[{n}] needs 'id' and 'file_name', got {image!r:.200}")
+        captions[image["id"]] = []
+    for n, ann in enumerate(coco["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
+            raise DatasetError(f"{path}: annotations[{n}] needs 'image_id' and 'caption', got {ann!r:.200}")
+        if ann["image_id"] not in captions:
+            raise DatasetError(f"{path}: annotations[{n}] refers to image_id {ann['image_id']} not in 'images'")
+        captions[ann["image_id"]].append(ann["caption"])
+    return Split(coco["images"], captions, images_dir(images_root or root, split))
+
+
+def coco_captions(images: list[dict], captions: dict[int, list[str]], description: str) -> dict:
+    """A COCO captions document for `images` and their captions (annotation ids numbered in order)."""
+    annotations = []
+    for image in images:
+        for caption in captions[image["id"]]:
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "caption": caption})
+    return {"info": {"description": description}, "licenses": [], "images": images,
+            "annotations": annotations}
+
+
+def write_synthetic(out: Path, params: DataParams, seed: int) -> dict[str, int]:
+    """Generate the synthetic dataset under `out` (which must not exist); return images per split."""
+    sizes = {"train": params.num_train, "val": params.num_val, "test": params.num_test}
+    workers = params.workers or os.cpu_count() or 1
+    base_id = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000}  # ids unique across splits
+    with ProcessPoolExecutor(workers) as pool:
+        for split in SPLITS:
+            folder = images_dir(out, split)
+            folder.mkdir(parents=True)
+            make = partial(synthetic.make_sample, seed, split, min_side=params.min_side,
+                           max_side=params.max_side, n_captions=params.captions_per_image)
+            images, captions = [], {}
+            samples = pool.map(make, range(sizes[split]), chunksize=32)
+            for index, (scene, caps, jpeg) in enumerate(
+                tqdm(samples, total=sizes[split], desc=f"synthetic {split}", unit="img")
+            ):
+                image_id = base_id[split] + index
+                file_name = f"{split}_{index:06d}.jpg"
+                (folder / file_name).write_bytes(jpeg)
+                images.append({"id": image_id, "file_name": file_name, "width": scene["width"],
+                               "height": scene["height"], "scene": scene})
+                captions[image_id] = caps
+            doc = coco_captions(images, captions, f"synthetic scenes, seed {seed}, split {split}")
+            captions_path(out, split).write_text(json.dumps(doc, indent=None, separators=(",", ":")))
+    return sizes

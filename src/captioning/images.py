@@ -1,0 +1,114 @@
+"""Image I/O: the parallel resize, and the train/eval transform presets (the only place they live).
+
+Train and evaluation preprocessing come from here alone: yunjey's tutorial resized to 256 and
+cropped 224 in training but fed 224 straight in sampling; a shared preset makes that impossible.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+
+from PIL import Image, ImageOps
+import torch
+from torchvision.transforms import functional as TF
+from tqdm import tqdm
+
+# ImageNet statistics: the backbones were trained with them (and random ones do not mind).
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+# The network sees a crop of this fraction of the stored image (224 of 256, as in the seed).
+CROP_FRACTION = 0.875
+
+
+def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
+    """Decode any image mode to upright RGB (EXIF orientation applied).
+
+    `draft` lets libjpeg decode a JPEG at a reduced scale no smaller than draft x draft: much
+    faster for a big photo headed for a small size, and no loss once resized below that.
+    """
+    with Image.open(path) as image:
+        if draft and image.format == "JPEG":
+            image.draft("RGB", (draft, draft))
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            # Composite on white: dropping alpha would expose arbitrary colours in transparent pixels.
+            rgba = image.convert("RGBA")
+            flat = Image.new("RGB", rgba.size, (255, 255, 255))
+            flat.paste(rgba, mask=rgba.getchannel("A"))
+            return flat
+        return image.convert("RGB")
+
+
+def resize_one(src: Path, dst: Path, size: int, quality: int) -> None:
+    """Resize `src` to size x size (aspect not kept, as in Show and Tell) and save a JPEG."""
+    image = load_rgb(src, draft=size * 2)
+    image = image.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    image.save(dst, format="JPEG", quality=quality)
+
+
+def _resize_pair(pair: tuple[Path, Path], size: int, quality: int) -> None:
+    resize_one(pair[0], pair[1], size, quality)
+
+
+def resize_all(pairs: list[tuple[Path, Path]], size: int, quality: int, workers: int = 0,
+               desc: str = "resize") -> None:
+    """Resize every (src, dst) pair in parallel over `workers` processes (0 = one per core)."""
+    workers = workers or os.cpu_count() or 1
+    job = partial(_resize_pair, size=size, quality=quality)
+    if workers == 1:
+        for pair in tqdm(pairs, desc=desc, unit="img"):
+            job(pair)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        for _ in tqdm(pool.map(job, pairs, chunksize=16), total=len(pairs), desc=desc, unit="img"):
+            pass
+
+
+class TrainTransform:
+    """Scale to image_size / CROP_FRACTION, crop image_size (random or centre), maybe flip.
+
+    Randomness comes from the `rng` passed per call, never from a global generator, so an
+    item's augmentation depends only on (seed, epoch, item): the same with any number of
+    DataLoader workers and the same after a resume mid-epoch.
+    """
+
+    def __init__(self, image_size: int, *, random_crop: bool, hflip: bool):
+        self.image_size, self.random_crop, self.hflip = image_size, random_crop, hflip
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        side = scaled_side(self.image_size)
+        image = image.resize((side, side), Image.Resampling.BILINEAR)
+        slack = side - self.image_size
+        left, top = (rng.randint(0, slack), rng.randint(0, slack)) if self.random_crop else (slack // 2,) * 2
+        image = image.crop((left, top, left + self.image_size, top + self.image_size))
+        if self.hflip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_tensor(image)
+
+
+class EvalTransform:
+    """The same scale as training and a centre crop: what the network saw, minus the randomness."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        side = scaled_side(self.image_size)
+        image = image.resize((side, side), Image.Resampling.BILINEAR)
+        offset = (side - self.image_size) // 2
+        image = image.crop((offset, offset, offset + self.image_size, offset + self.image_size))
+        return to_tensor(image)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float tensor, ImageNet-normalised."""
+    return TF.normalize(TF.pil_to_tensor(image).float().div_(255), MEAN, STD)
+
+
+def scaled_side(image_size: int) -> int:
+    return round(image_size / CROP_FRACTION)

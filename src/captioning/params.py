@@ -1,0 +1,226 @@
+"""Typed, frozen params: one dataclass per params.yaml section.
+
+Unknown or misspelt keys, wrong types and out-of-range values are rejected before any work
+starts, with the key named (``train.lr``) and what is allowed. Each stage asks for the section(s)
+it reads, so a stage never depends on knobs it does not use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+SOURCES = ("synthetic", "coco2014", "coco2017", "flickr8k", "flickr30k", "local")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+# Validation metrics the best epoch may be selected by; all but val_loss are better when higher.
+SELECT_METRICS = ("cider", "bleu_4", "grounded", "val_loss")
+
+
+class ParamsError(ValueError):
+    """A params value or key is wrong; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = "synthetic"
+    # synthetic: images per split (other sources ignore these and take their own split sizes)
+    num_train: int = 3000
+    num_val: int = 200
+    num_test: int = 300
+    min_side: int = 300  # pixels, shortest allowed side of a generated image (COCO-like)
+    max_side: int = 640
+    captions_per_image: int = 5
+    workers: int = 0  # processes for generation; 0 = one per core
+
+    def check(self) -> None:
+        _one_of("data.source", self.source, SOURCES)
+        for key in ("num_train", "num_val", "num_test", "captions_per_image"):
+            _at_least(f"data.{key}", getattr(self, key), 1)
+        _at_least("data.min_side", self.min_side, 64)
+        _at_least("data.max_side", self.max_side, self.min_side)
+        _at_least("data.workers", self.workers, 0)
+
+
+@dataclass(frozen=True)
+class VocabParams:
+    threshold: int = 1  # keep words seen at least this often in the train captions
+
+    def check(self) -> None:
+        _at_least("vocab.threshold", self.threshold, 1)
+
+
+@dataclass(frozen=True)
+class ResizeParams:
+    size: int = 256  # every image becomes size x size (aspect not kept, as in Show and Tell)
+    quality: int = 95  # JPEG quality of the resized copies
+    workers: int = 0  # processes; 0 = one per core
+
+    def check(self) -> None:
+        _at_least("resize.size", self.size, 32)
+        _between("resize.quality", self.quality, 50, 100)
+        _at_least("resize.workers", self.workers, 0)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    backbone: str = "resnet18"
+    pretrained: bool = False  # ImageNet weights from the torch hub cache or `weights_path`
+    weights_path: str = ""  # a local torchvision state_dict file; "" = torch hub cache
+    train_backbone: bool = True  # False freezes the CNN (the seed's setting with pretrained weights)
+    image_size: int = 224  # network input side; stored images are cropped/scaled to it
+    embed_size: int = 256
+    hidden_size: int = 512
+    num_layers: int = 1
+    max_seq_len: int = 20  # longest generated caption, in tokens
+
+    def check(self) -> None:
+        _one_of("model.backbone", self.backbone, BACKBONES)
+        for key in ("embed_size", "hidden_size", "num_layers", "max_seq_len"):
+            _at_least(f"model.{key}", getattr(self, key), 1)
+        _at_least("model.image_size", self.image_size, 32)
+        if self.pretrained is False and self.weights_path:
+            raise ParamsError(
+                "model.weights_path is set but model.pretrained is false: "
+                "set model.pretrained: true to load it, or clear model.weights_path"
+            )
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.001
+    log_every: int = 10  # steps between loss/perplexity logs
+    checkpoint_every: int = 1000  # steps between resume checkpoints
+    hflip: bool = False  # horizontal flip augmentation; it swaps "left of"/"right of"
+    random_crop: bool = True
+    select_metric: str = "cider"  # val metric (of greedy captions) that picks the kept epoch
+    patience: int = 0  # stop after this many epochs without improvement; 0 = never
+    num_workers: int = 1  # DataLoader worker processes
+    device: str = "auto"
+
+    def check(self) -> None:
+        _at_least("train.epochs", self.epochs, 1)
+        _one_of("train.select_metric", self.select_metric, SELECT_METRICS)
+        _at_least("train.patience", self.patience, 0)
+        _at_least("train.batch_size", self.batch_size, 1)
+        if not self.lr > 0:
+            raise ParamsError(f"train.lr must be > 0, got {self.lr!r}")
+        _at_least("train.log_every", self.log_every, 1)
+        _at_least("train.checkpoint_every", self.checkpoint_every, 1)
+        _at_least("train.num_workers", self.num_workers, 0)
+        _one_of("train.device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 64
+    gallery_size: int = 24  # images shown in the sample gallery
+    num_workers: int = 1
+    device: str = "auto"
+
+    def check(self) -> None:
+        _at_least("evaluate.batch_size", self.batch_size, 1)
+        _at_least("evaluate.gallery_size", self.gallery_size, 0)
+        _at_least("evaluate.num_workers", self.num_workers, 0)
+        _one_of("evaluate.device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    data: DataParams = DataParams()
+    vocab: VocabParams = VocabParams()
+    resize: ResizeParams = ResizeParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_params(raw: dict) -> Params:
+    """Build and check `Params` from a plain dict (the content of params.yaml)."""
+    params = _build(Params, raw, prefix="")
+    for field in dataclasses.fields(Params):
+        section = getattr(params, field.name)
+        if dataclasses.is_dataclass(section):
+            section.check()
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no params file; run from the repo root or pass --params") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    try:
+        return parse_params(raw)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+
+
+def _build(cls, raw, prefix: str):
+    where = prefix.rstrip(".") or "params"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where} must be a mapping of keys, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ParamsError(f"unknown key '{prefix}{key}'{hint} (allowed: {', '.join(names)})")
+        values[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**values)
+
+
+def _coerce(hint, value, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{key}.")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key} must be a string, got {value!r}")
+        return value
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        raise NotImplementedError(f"{key}: union-typed params are not supported")
+    raise NotImplementedError(f"{key}: unsupported params type {hint!r}")
+
+
+def _one_of(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ParamsError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _at_least(key: str, value, low) -> None:
+    if value < low:
+        raise ParamsError(f"{key} must be >= {low}, got {value!r}")
+
+
+def _between(key: str, value, low, high) -> None:
+    if not low <= value <= high:
+        raise ParamsError(f"{key} must be between {low} and {high}, got {value!r}")

@@ -1,0 +1,45 @@
+"""The sample gallery: a self-contained HTML page (images inlined) a person can open anywhere."""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    image_path: Path
+    generated: str
+    references: list[str]
+    correct: bool | None = None  # grounded verdict, when the scene is known
+
+
+def gallery_html(items: list[GalleryItem], title: str, summary: dict[str, float]) -> str:
+    rows = []
+    for item in items:
+        data = base64.b64encode(Path(item.image_path).read_bytes()).decode()
+        verdict = "" if item.correct is None else (
+            '<span class="ok">names every object</span>' if item.correct else '<span class="bad">wrong objects</span>')
+        refs = "".join(f"<li>{html.escape(r)}</li>" for r in item.references)
+        rows.append(
+            f'<div class="card"><img src="data:image/jpeg;base64,{data}" alt="">'
+            f"<p><b>{html.escape(item.generated) or '(empty)'}</b> {verdict}</p><ul>{refs}</ul></div>"
+        )
+    scores = " · ".join(f"{k} {v:.3f}" for k, v in summary.items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }}
+.grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(280px, 1fr)); gap: 1em; }}
+.card {{ border: 1px solid #ccc; border-radius: 6px; padding: .6em; }}
+.card img {{ width: 100%; }} .card ul {{ color: #555; font-size: .85em; padding-left: 1.2em; }}
+.ok {{ color: #1a7f37; font-size: .8em; }} .bad {{ color: #cf222e; font-size: .8em; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1><p>{html.escape(scores)}</p>
+<p>Bold: the generated caption. Below it: the reference captions.</p>
+<div class="grid">
+{chr(10).join(rows)}
+</div></body></html>
+"""

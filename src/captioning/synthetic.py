@@ -1,0 +1,268 @@
+"""A captioned scene dataset generated offline, with ground truth.
+
+Each image is a COCO-sized JPEG (sides drawn from [min_side, max_side]) on a low-saturation
+background (solid, gradient or noise), holding 1 to 3 objects that differ in shape, colour, size and
+position. Each image gets captions from a small grammar with real variety: synonyms, optional size
+adjectives, counts ("two red circles"), spatial relations ("left of", "above") and word order. The
+scene itself is stored in the image record so a caption can be checked against the truth
+(`mentioned_objects`, used by the grounded score).
+
+Everything is a pure function of (seed, split, index): images are generated in parallel and the
+output is byte-identical for the same params.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from captioning.text import tokenize
+
+# Saturated object colours; backgrounds below stay low-saturation so no object can vanish into one.
+# Few, well-separated colours and shapes: the default must learn from scratch (no pretrained weights
+# offline) on 2 CPU cores within minutes; the grammar, sizes, counts and positions supply variety.
+COLOURS = {
+    "red": (215, 35, 35),
+    "green": (35, 165, 55),
+    "blue": (35, 75, 215),
+    "yellow": (240, 210, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = {
+    "gray": (128, 128, 128),
+    "dark": (60, 62, 66),
+    "beige": (190, 175, 150),
+    "brown": (110, 85, 65),
+    "slate": (95, 110, 125),
+}
+# Caption words for each shape (singular, plural). Synonyms map back to one shape when grounding.
+SHAPE_WORDS = {
+    "circle": (("circle", "circles"), ("disk", "disks"), ("ball", "balls")),
+    "square": (("square", "squares"), ("box", "boxes")),
+    "triangle": (("triangle", "triangles"),),
+    "star": (("star", "stars"),),
+}
+SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
+NUMBER_WORDS = {2: "two", 3: "three"}
+# Objects keep clear of the border so the train crop (at most 12.5% of a side) never cuts one off.
+MARGIN = 0.14
+SPLITS = ("train", "val", "test")
+
+_WORD_TO_SHAPE = {w: s for s, forms in SHAPE_WORDS.items() for pair in forms for w in pair}
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    colour: str
+    shape: str
+    size: str  # "small" | "large"
+    x: float  # centre, as a fraction of the width
+    y: float  # centre, as a fraction of the height
+    radius: float  # as a fraction of the shorter side
+
+    def to_dict(self) -> dict:
+        return {"colour": self.colour, "shape": self.shape, "size": self.size,
+                "x": round(self.x, 4), "y": round(self.y, 4), "radius": round(self.radius, 4)}
+
+
+def split_seed(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLITS.index(split), index])
+
+
+def make_scene(rng: np.random.Generator, min_side: int, max_side: int) -> dict:
+    """Image size, background and 1-3 non-overlapping objects, all drawn from `rng`."""
+    width, height = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
+    background = str(rng.choice(list(BACKGROUNDS)))
+    pattern = str(rng.choice(["solid", "gradient", "noise"]))
+    count = int(rng.integers(1, 4))
+    objects: list[SceneObject] = []
+    # A second object copies the first's colour and shape now and then, so counts appear.
+    while len(objects) < count:
+        if objects and rng.random() < 0.2:
+            colour, shape = objects[0].colour, objects[0].shape
+        else:
+            colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+        size = str(rng.choice(["small", "large"]))
+        radius = float(rng.uniform(0.09, 0.12) if size == "small" else rng.uniform(0.15, 0.18))
+        short = min(width, height)
+        mx, my = MARGIN + radius * short / width, MARGIN + radius * short / height
+        for _ in range(50):
+            x, y = float(rng.uniform(mx, 1 - mx)), float(rng.uniform(my, 1 - my))
+            if all(_apart(x, y, radius, o, width, height) for o in objects):
+                objects.append(SceneObject(colour, shape, size, x, y, radius))
+                break
+        else:
+            count -= 1  # no room left: fewer objects, still a valid scene
+    return {"width": width, "height": height, "background": background, "pattern": pattern,
+            "objects": [o.to_dict() for o in objects]}
+
+
+def _apart(x, y, radius, other: SceneObject, width, height) -> bool:
+    short = min(width, height)
+    dist = math.hypot((x - other.x) * width, (y - other.y) * height)
+    return dist > (radius + other.radius) * short * 1.15
+
+
+def render(scene: dict, rng: np.random.Generator) -> Image.Image:
+    width, height = scene["width"], scene["height"]
+    base = np.array(BACKGROUNDS[scene["background"]], dtype=np.float32)
+    if scene["pattern"] == "gradient":
+        ramp = np.linspace(-25, 25, width if rng.random() < 0.5 else height, dtype=np.float32)
+        ramp = ramp[None, :, None] if ramp.size == width else ramp[:, None, None]
+        pixels = np.broadcast_to(base + ramp, (height, width, 3))
+    elif scene["pattern"] == "noise":
+        # Low-frequency noise: a small random field scaled up (cheap, and not confusable with objects).
+        field = rng.normal(0, 12, size=(max(2, height // 32), max(2, width // 32), 3)).astype(np.float32)
+        small = Image.fromarray(np.clip(base + field, 0, 255).astype(np.uint8))
+        pixels = np.asarray(small.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    else:
+        pixels = np.broadcast_to(base, (height, width, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    short = min(width, height)
+    for obj in scene["objects"]:
+        jitter = rng.integers(-12, 13, size=3)
+        fill = tuple(int(v) for v in np.clip(np.array(COLOURS[obj["colour"]]) + jitter, 0, 255))
+        cx, cy, r = obj["x"] * width, obj["y"] * height, obj["radius"] * short
+        _draw_shape(draw, obj["shape"], cx, cy, r, float(rng.uniform(-0.3, 0.3)), fill)
+    return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx, cy, r, turn, fill) -> None:
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        s = r * 0.85
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif shape == "triangle":
+        pts = [(cx + r * math.sin(turn + k * 2 * math.pi / 3), cy - r * math.cos(turn + k * 2 * math.pi / 3))
+               for k in range(3)]
+        draw.polygon(pts, fill=fill)
+    elif shape == "star":
+        pts = []
+        for k in range(10):
+            rad = r if k % 2 == 0 else r * 0.45
+            a = turn + k * math.pi / 5
+            pts.append((cx + rad * math.sin(a), cy - rad * math.cos(a)))
+        draw.polygon(pts, fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+# ---- captions ---------------------------------------------------------------------------------
+
+
+def _noun_phrase(rng, colour, shape, count=1, size=None) -> str:
+    singular, plural = SHAPE_WORDS[shape][int(rng.integers(len(SHAPE_WORDS[shape])))]
+    words = []
+    if size and count == 1 and rng.random() < 0.4:
+        words.append(str(rng.choice(SIZE_WORDS[size])))
+    words += [colour, singular if count == 1 else plural]
+    det = NUMBER_WORDS[count] if count > 1 else ("an" if words[0][0] in "aeiou" else "a")
+    return " ".join([det, *words])
+
+
+def _relation(a: dict, b: dict, rng) -> str:
+    """How `a` lies relative to `b`, in words."""
+    dx, dy = a["x"] - b["x"], a["y"] - b["y"]
+    if abs(dx) >= abs(dy):
+        return str(rng.choice(["to the left of", "left of"] if dx < 0 else ["to the right of", "right of"]))
+    return str(rng.choice(["above", "over"] if dy < 0 else ["below", "under"]))
+
+
+def _where(obj: dict) -> str:
+    """Where in the image `obj` is: "in the top left of the image", "on the right", ..."""
+    col = "left" if obj["x"] < 0.4 else "right" if obj["x"] > 0.6 else ""
+    row = "top" if obj["y"] < 0.4 else "bottom" if obj["y"] > 0.6 else ""
+    if row and col:
+        return f"in the {row} {col} of the image"
+    if row:
+        return f"at the {row} of the image"
+    if col:
+        return f"on the {col} of the image"
+    return "in the center of the image"
+
+
+def make_captions(scene: dict, rng: np.random.Generator, n: int) -> list[str]:
+    """`n` captions for `scene`, distinct where the grammar allows."""
+    objs = scene["objects"]
+    groups = Counter((o["colour"], o["shape"]) for o in objs)
+    bg = scene["background"]
+    captions: list[str] = []
+    for _ in range(n * 6):  # retry for variety; repeats are allowed once variety runs out
+        caption = _one_caption(scene, objs, groups, bg, rng)
+        if caption not in captions:
+            captions.append(caption)
+        if len(captions) == n:
+            break
+    while len(captions) < n:
+        captions.append(_one_caption(scene, objs, groups, bg, rng))
+    return captions
+
+
+def _one_caption(scene, objs, groups, bg, rng) -> str:
+    order = [int(i) for i in rng.permutation(len(objs))]
+    kind = int(rng.integers(3))
+    if len(groups) < len(objs):  # some (colour, shape) repeats: describe by counts
+        phrases = [_noun_phrase(rng, c, s, k) for (c, s), k in groups.items()]
+        phrases = [phrases[i] for i in rng.permutation(len(phrases))]
+        body = _join(phrases)
+    elif len(objs) == 1:
+        o = objs[0]
+        np_ = _noun_phrase(rng, o["colour"], o["shape"], size=o["size"])
+        body = [np_, f"{np_} {_where(o)}", f"{np_} on a {bg} background"][kind]
+    elif len(objs) == 2:
+        a, b = (objs[i] for i in order)
+        na = _noun_phrase(rng, a["colour"], a["shape"], size=a["size"])
+        nb = _noun_phrase(rng, b["colour"], b["shape"], size=b["size"])
+        body = [f"{na} {_relation(a, b, rng)} {nb}", f"{na} and {nb}", f"{na} next to {nb}"][kind]
+    else:
+        a, b, c = (objs[i] for i in order)
+        na, nb, nc = (_noun_phrase(rng, o["colour"], o["shape"], size=o["size"]) for o in (a, b, c))
+        body = [f"{na} {_relation(a, b, rng)} {nb} and {nc}", _join([na, nb, nc]),
+                f"three shapes: {na}, {nb} and {nc}"][kind]
+    lead = str(rng.choice(["", "", "there is ", "a picture of ", "an image with "]))
+    if lead == "there is " and body.startswith(("two", "three")):
+        lead = "there are "
+    if "background" not in body and rng.random() < 0.25:
+        body += f" on a {bg} background"
+    return lead + body
+
+
+def _join(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def mentioned_objects(caption: str) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs a caption names: each shape word with the colour word before it."""
+    found, colour = set(), None
+    for tok in tokenize(caption):
+        if tok in COLOURS:
+            colour = tok
+        elif tok in _WORD_TO_SHAPE:
+            if colour is not None:
+                found.add((colour, _WORD_TO_SHAPE[tok]))
+            colour = None
+    return found
+
+
+def scene_objects(scene: dict) -> set[tuple[str, str]]:
+    return {(o["colour"], o["shape"]) for o in scene["objects"]}
+
+
+# ---- one sample -------------------------------------------------------------------------------
+
+
+def make_sample(seed: int, split: str, index: int, min_side: int, max_side: int, n_captions: int):
+    """(scene, captions, jpeg bytes) for one image; a pure function of its arguments."""
+    rng = split_seed(seed, split, index)
+    scene = make_scene(rng, min_side, max_side)
+    captions = make_captions(scene, rng, n_captions)
+    buf = io.BytesIO()
+    render(scene, rng).save(buf, format="JPEG", quality=90)
+    return scene, captions, buf.getvalue()

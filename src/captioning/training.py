@@ -1,0 +1,166 @@
+"""The training loop: the seed's (Adam, CrossEntropy on packed targets, teacher forcing), plus
+validation on generated captions each epoch, best-checkpoint selection, early stopping and
+exact resume.
+
+Exact resume works because nothing here draws from a global RNG: batch order is a function of
+(seed, epoch) and each item's augmentation a function of its own seed (see `data.py`). Restoring
+weights, optimizer state and the position in the epoch therefore continues the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils.data import DataLoader
+
+from captioning.data import CaptionDataset, EpochBatchSampler, collate_captions
+from captioning.datasets import Split
+from captioning.images import EvalTransform, TrainTransform
+from captioning.io import atomic_path
+from captioning.metrics import grounded_score, quick_scores
+from captioning.model import Captioner
+from captioning.params import ModelParams, TrainParams
+from captioning.text import Vocabulary
+
+
+class Callbacks(Protocol):
+    def on_step(self, row: dict) -> None: ...
+
+    def on_epoch(self, row: dict) -> None: ...
+
+
+@dataclass
+class FitResult:
+    best_state: dict  # weights of the selected epoch
+    best_epoch: int
+    best: dict  # that epoch's validation row
+    history: list[dict] = field(default_factory=list)  # one row per epoch
+    final_train_loss: float = math.nan
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def trainable_parameters(model: Captioner) -> list[nn.Parameter]:
+    """The seed's optimizer set: decoder + encoder head, plus the backbone when it trains."""
+    params = list(model.decoder.parameters()) + list(model.encoder.linear.parameters())
+    params += list(model.encoder.batch_norm.parameters())
+    if model.encoder.train_backbone:
+        params += list(model.encoder.backbone.parameters())
+    return params
+
+
+def images_per_batch(split: Split, captions_per_batch: int) -> int:
+    """`train.batch_size` counts captions, as in the seed; a batch holds whole images."""
+    per_image = median(len(c) for c in split.captions.values() if c) if split.captions else 1
+    return max(1, round(captions_per_batch / per_image))
+
+
+def fit(model: Captioner, vocab: Vocabulary, train_split: Split, val_split: Split,
+        model_params: ModelParams, params: TrainParams, seed: int, device: torch.device,
+        callbacks: Callbacks, resume_path: Path | None = None) -> FitResult:
+    model.to(device)
+    dataset = CaptionDataset(train_split, vocab, TrainTransform(
+        model_params.image_size, random_crop=params.random_crop, hflip=params.hflip))
+    val_dataset = CaptionDataset(val_split, vocab, EvalTransform(model_params.image_size))
+    batch_images = images_per_batch(train_split, params.batch_size)
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=params.lr)
+    criterion = nn.CrossEntropyLoss()
+    higher_is_better = params.select_metric != "val_loss"
+
+    state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_epoch": 0,
+             "best_state": None, "history": [], "stale_epochs": 0, "seconds": 0.0}
+    if resume_path is not None and resume_path.is_file():
+        saved = torch.load(resume_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        print(f"resumed from {resume_path} at epoch {state['epoch'] + 1}, step {state['step']}")
+
+    def save_resume() -> None:
+        if resume_path is None:
+            return
+        with atomic_path(resume_path) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "state": state}, tmp)
+
+    started = time.perf_counter() - state["seconds"]
+    last_loss = torch.tensor(math.nan)
+    while state["epoch"] < params.epochs:
+        epoch = state["epoch"]
+        sampler = EpochBatchSampler(len(dataset), batch_images, seed, epoch, start=state["batch"])
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_captions,
+                            num_workers=params.num_workers, pin_memory=device.type == "cuda")
+        total = state["batch"] + len(sampler)
+        model.train()
+        for images, captions, lengths, image_index in loader:
+            images = images.to(device, non_blocking=True)
+            captions = captions.to(device, non_blocking=True)
+            targets = pack_padded_sequence(captions, lengths, batch_first=True).data
+            logits = model(images, captions, lengths, image_index.to(device))
+            loss = criterion(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state["batch"] += 1
+            state["step"] += 1
+            last_loss = loss.detach()
+            if state["step"] % params.log_every == 0:  # the only host sync in the loop
+                value = float(last_loss)
+                callbacks.on_step({"step": state["step"], "epoch": epoch + 1, "batch": state["batch"],
+                                   "batches": total, "loss": value, "perplexity": math.exp(min(value, 50))})
+            if state["step"] % params.checkpoint_every == 0:
+                state["seconds"] = time.perf_counter() - started
+                save_resume()
+        row = {"epoch": epoch + 1, "train_loss": float(last_loss), **validate(model, val_dataset, val_split, vocab, device, criterion)}
+        state["history"].append(row)
+        score = row[params.select_metric]
+        improved = state["best"] is None or (
+            score > state["best"][params.select_metric] if higher_is_better else score < state["best"][params.select_metric])
+        if improved:
+            state["best"], state["best_epoch"], state["stale_epochs"] = row, epoch + 1, 0
+            state["best_state"] = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        else:
+            state["stale_epochs"] += 1
+        callbacks.on_epoch({**row, "best_epoch": state["best_epoch"]})
+        state["epoch"], state["batch"] = epoch + 1, 0
+        state["seconds"] = time.perf_counter() - started
+        if params.patience and state["stale_epochs"] >= params.patience:
+            print(f"early stop: {params.select_metric} did not improve for {params.patience} epochs")
+            break
+        save_resume()
+    return FitResult(state["best_state"], state["best_epoch"], state["best"], state["history"],
+                     final_train_loss=float(last_loss), steps=state["step"],
+                     seconds=time.perf_counter() - started)
+
+
+@torch.no_grad()
+def validate(model: Captioner, dataset: CaptionDataset, split: Split, vocab: Vocabulary,
+             device: torch.device, criterion: nn.Module, batch_images: int = 64) -> dict:
+    """Teacher-forced loss and scores of greedy captions on the val split."""
+    model.eval()
+    sampler = [[(i, 0) for i in range(k, min(k + batch_images, len(dataset)))]
+               for k in range(0, len(dataset), batch_images)]
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_captions)
+    loss_sum, tokens, hypotheses = 0.0, 0, {}
+    for batch, (images, captions, lengths, image_index) in zip(sampler, loader):
+        features = model.encoder(images.to(device))  # (B, E)
+        captions = captions.to(device)
+        logits = model.decoder(features[image_index.to(device)], captions, lengths)
+        targets = pack_padded_sequence(captions, lengths, batch_first=True).data
+        loss_sum += float(criterion(logits, targets)) * len(targets)
+        tokens += len(targets)
+        for (index, _), ids in zip(batch, model.decoder.greedy(features, vocab.end_id).tolist()):
+            hypotheses[dataset.records[index]["id"]] = vocab.decode(ids)
+    row = {"val_loss": loss_sum / max(tokens, 1), **quick_scores(split.captions, hypotheses)}
+    scenes = {r["id"]: r["scene"] for r in dataset.records if "scene" in r}
+    row["grounded"] = grounded_score(scenes, hypotheses) if len(scenes) == len(hypotheses) else math.nan
+    return row

@@ -1,0 +1,112 @@
+"""train stage: fit the captioner, keep the best epoch by a validation metric, log to MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import mlflow
+import torch
+
+from captioning.checkpoint import save_checkpoint
+from captioning.datasets import read_split
+from captioning.io import write_json_atomic, write_text_atomic
+from captioning.model import Captioner
+from captioning.params import load_params
+from captioning.predict import pick_device
+from captioning.text import Vocabulary
+from captioning.tracking import MetricLogger, experiment_id, flatten, run_name, run_tags, write_run_info
+from captioning.training import fit
+
+
+class Logs:
+    """Training callbacks: print like the seed, buffer rows for the plot files, send to MLflow."""
+
+    def __init__(self, run_id: str, epochs: int):
+        self.steps, self.epochs, self.total_epochs = [], [], epochs
+        self.mlflow = MetricLogger(run_id)
+
+    def on_step(self, row: dict) -> None:
+        self.steps.append(row)
+        print(f"Epoch [{row['epoch']}/{self.total_epochs}], Step [{row['batch']}/{row['batches']}], "
+              f"Loss: {row['loss']:.4f}, Perplexity: {row['perplexity']:5.4f}", flush=True)
+        self.mlflow.log({"train_loss": row["loss"], "train_perplexity": row["perplexity"]}, row["step"])
+
+    def on_epoch(self, row: dict) -> None:
+        self.epochs.append(row)
+        print("epoch {epoch}: val_loss {val_loss:.4f}, cider {cider:.3f}, bleu_4 {bleu_4:.3f}, "
+              "grounded {grounded:.3f}".format(**row), flush=True)
+        self.mlflow.log({f"val_{k}" if k in ("cider", "bleu_4", "grounded") else k: v
+                         for k, v in row.items() if k not in ("epoch", "best_epoch") and v == v},
+                        row["epoch"])
+        self.mlflow.flush()
+
+
+def resume_key(params, vocab: Vocabulary, train_captions: Path) -> str:
+    """Resume state is only valid for the same data, vocab and training params."""
+    blob = json.dumps([params.seed, flatten(params.to_dict()["model"]), flatten(params.to_dict()["train"]),
+                       vocab.words, hashlib.sha256(train_captions.read_bytes()).hexdigest()])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["step"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def main(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    torch.manual_seed(params.seed)
+    vocab = Vocabulary.load(args.vocab)
+    train_split = read_split(args.data, "train", images_root=args.images)
+    val_split = read_split(args.data, "val", images_root=args.images)
+    device = pick_device(params.train.device)
+    model = Captioner.build(params.model, len(vocab))
+    resume = Path(args.resume_dir) / f"train-{resume_key(params, vocab, Path(args.data) / 'train' / 'captions.json')}.pt"
+
+    mlflow.set_experiment(experiment_id=experiment_id())
+    with mlflow.start_run(run_name=run_name(), tags=run_tags("train")) as run:
+        mlflow.log_params(flatten(params.to_dict()))
+        logs = Logs(run.info.run_id, params.train.epochs)
+        print(f"train: {sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
+              f"MLflow run {run.info.run_name} ({run.info.run_id})")
+        result = fit(model, vocab, train_split, val_split, params.model, params.train, params.seed,
+                     device, logs, resume_path=resume)
+        save_checkpoint(args.checkpoint, model, vocab, params.to_dict(), state_dict=result.best_state)
+        metrics = {"final_train_loss": result.final_train_loss, "best_epoch": result.best_epoch,
+                   "steps": result.steps, "train_seconds": round(result.seconds, 1),
+                   **{f"val_{k}": v for k, v in result.best.items() if k not in ("epoch", "train_loss")}}
+        write_json_atomic(args.metrics, metrics)
+        write_csv(Path(args.plots) / "train_loss.csv", [
+            {k: r[k] for k in ("step", "epoch", "loss", "perplexity")} for r in logs.steps])
+        write_csv(Path(args.plots) / "val.csv", [
+            {k: r[k] for k in ("epoch", "train_loss", "val_loss", "cider", "bleu_4", "grounded")}
+            for r in logs.epochs])
+        logs.mlflow.flush()
+        mlflow.log_metrics({"best_epoch": result.best_epoch})
+        mlflow.log_artifact(args.checkpoint, artifact_path="checkpoint")
+        write_run_info(args.run_info, run)
+    resume.unlink(missing_ok=True)  # finished: a rerun must start afresh, not resume
+    print(f"train: {result.steps} steps in {result.seconds:.0f}s; best epoch {result.best_epoch} "
+          f"(val {params.train.select_metric} {result.best[params.train.select_metric]:.3f}) -> {args.checkpoint}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", required=True, help="dataset folder (captions)")
+    parser.add_argument("--images", required=True, help="resized images folder")
+    parser.add_argument("--vocab", required=True)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint to write")
+    parser.add_argument("--metrics", required=True, help="train metrics JSON to write")
+    parser.add_argument("--plots", required=True, help="folder for the loss/validation CSVs")
+    parser.add_argument("--run-info", required=True, help="JSON recording the MLflow run id")
+    parser.add_argument("--resume-dir", required=True, help="where resume state lives (not a DVC output)")
+    main(parser.parse_args())

@@ -1,0 +1,29 @@
+"""vocab stage: words seen at least `vocab.threshold` times in the train captions, as JSON."""
+
+from __future__ import annotations
+
+import argparse
+
+from captioning.datasets import read_split
+from captioning.params import load_params
+from captioning.text import Vocabulary, tokenize
+
+
+def main(params_path: str, data: str, out: str) -> None:
+    params = load_params(params_path).vocab
+    captions = [c for caps in read_split(data, "train").captions.values() for c in caps]
+    vocab = Vocabulary.build(captions, params.threshold)
+    vocab.save(out)
+    tokens = [t for c in captions for t in tokenize(c)]
+    unknown = sum(t not in vocab.index for t in tokens)
+    print(f"vocab: {len(vocab)} words (threshold {params.threshold}) from {len(captions)} train "
+          f"captions; {unknown / max(len(tokens), 1):.2%} of tokens become <unk> -> {out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", required=True, help="dataset folder (download's output)")
+    parser.add_argument("--out", required=True, help="vocabulary JSON to write")
+    args = parser.parse_args()
+    main(args.params, args.data, args.out)

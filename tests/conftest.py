@@ -1,0 +1,38 @@
+"""Fixtures: tiny real datasets generated on the fly (no files checked in, nothing mocked)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from captioning.datasets import write_synthetic
+from captioning.params import DataParams
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(tmp_path, monkeypatch):
+    # No test may write to the developer's own store.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small synthetic dataset in the pipeline's layout: 48 train, 12 val, 12 test images."""
+    out = tmp_path_factory.mktemp("data") / "raw"
+    params = dataclasses.replace(DataParams(), num_train=48, num_val=12, num_test=12, workers=1)
+    write_synthetic(out, params, seed=7)
+    return out
+
+
+def venv_env() -> dict[str, str]:
+    """The environment for subprocesses: this interpreter's bin dir first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(os.sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env

@@ -1,0 +1,47 @@
+import torch
+
+from captioning.data import CaptionDataset, EpochBatchSampler, collate_captions
+from captioning.datasets import read_split
+from captioning.images import EvalTransform, TrainTransform
+from captioning.text import Vocabulary
+
+
+def test_collate_pads_sorts_and_maps_captions_to_images():
+    images = [torch.full((3, 4, 4), float(i)) for i in range(2)]
+    batch = [(images[0], [torch.tensor([1, 5, 2]), torch.tensor([1, 5, 6, 7, 2])]),
+             (images[1], [torch.tensor([1, 8, 9, 2])])]
+    out_images, captions, lengths, image_index = collate_captions(batch)
+    assert out_images.shape == (2, 3, 4, 4)
+    assert lengths.tolist() == [5, 4, 3]  # longest first, as pack_padded_sequence wants
+    assert captions.tolist() == [[1, 5, 6, 7, 2], [1, 8, 9, 2, 0], [1, 5, 2, 0, 0]]
+    assert image_index.tolist() == [0, 1, 0]
+    assert out_images[image_index[1], 0, 0, 0] == 1.0
+
+
+def test_sampler_is_a_function_of_seed_and_epoch_and_resumes():
+    full = EpochBatchSampler(10, 3, seed=1, epoch=2).batches()
+    assert [len(b) for b in full] == [3, 3, 3, 1]
+    assert sorted(i for b in full for i, _ in b) == list(range(10))
+    assert full == EpochBatchSampler(10, 3, seed=1, epoch=2).batches()
+    assert full != EpochBatchSampler(10, 3, seed=1, epoch=3).batches()
+    assert list(EpochBatchSampler(10, 3, seed=1, epoch=2, start=2)) == full[2:]
+    assert len(EpochBatchSampler(10, 3, seed=1, epoch=2, start=2)) == 2
+
+
+def test_dataset_items_and_augmentation_depend_only_on_item_seed(tiny_data):
+    split = read_split(tiny_data, "train")
+    vocab = Vocabulary.build([c for cs in split.captions.values() for c in cs], 1)
+    dataset = CaptionDataset(split, vocab, TrainTransform(64, random_crop=True, hflip=True))
+    image, captions = dataset[(0, 123)]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+    assert len(captions) == 5 and captions[0][0] == vocab.start_id
+    assert torch.equal(dataset[(0, 123)][0], image)
+    assert any(not torch.equal(dataset[(0, s)][0], image) for s in range(124, 130))
+
+
+def test_eval_transform_is_the_centre_of_the_train_scale(tiny_data):
+    split = read_split(tiny_data, "val")
+    from captioning.images import load_rgb
+    image = load_rgb(split.image_path(split.images[0]))
+    centre = TrainTransform(64, random_crop=False, hflip=False)(image, None)
+    assert torch.equal(EvalTransform(64)(image), centre)

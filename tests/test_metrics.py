@@ -1,0 +1,50 @@
+import json
+
+import pytest
+from pycocoevalcap.eval import COCOEvalCap
+from pycocotools.coco import COCO
+
+from captioning.metrics import METRIC_NAMES, MetricsError, coco_scores, grounded_score, quick_scores
+
+REFS = {
+    1: ["A red circle to the left of a blue square.", "a red disk and a blue box", "two shapes: red circle, blue square"],
+    2: ["a small green triangle", "a green triangle on a gray background", "there is a little green triangle"],
+}
+HYPS = {1: "a red circle left of a blue square", 2: "a green triangle on a beige background"}
+
+
+def test_scores_equal_the_official_coco_evaluation(tmp_path):
+    annotations = {"images": [{"id": i} for i in REFS], "annotations": [
+        {"id": n, "image_id": i, "caption": c} for n, (i, c) in enumerate(
+            (i, c) for i, cs in REFS.items() for c in cs)], "type": "captions", "info": {}, "licenses": []}
+    (tmp_path / "refs.json").write_text(json.dumps(annotations))
+    (tmp_path / "res.json").write_text(json.dumps([{"image_id": i, "caption": c} for i, c in HYPS.items()]))
+    coco = COCO(str(tmp_path / "refs.json"))
+    official = COCOEvalCap(coco, coco.loadRes(str(tmp_path / "res.json")))
+    official.evaluate()
+    ours = coco_scores(REFS, HYPS)
+    names = {"Bleu_1": "bleu_1", "Bleu_2": "bleu_2", "Bleu_3": "bleu_3", "Bleu_4": "bleu_4",
+             "METEOR": "meteor", "ROUGE_L": "rouge_l", "CIDEr": "cider"}
+    for theirs, mine in names.items():
+        if theirs in official.eval:
+            assert ours[mine] == pytest.approx(official.eval[theirs], abs=1e-9), theirs
+    assert set(ours) == set(METRIC_NAMES)
+    assert 0 < ours["bleu_1"] <= 1 and 0 < ours["meteor"] <= 1
+
+
+def test_perfect_captions_score_bleu_one():
+    refs = {1: ["a red circle"], 2: ["two blue squares and a star"]}
+    scores = quick_scores(refs, {1: "a red circle", 2: "two blue squares and a star"})
+    assert scores["bleu_4"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_grounded_score_counts_exact_object_sets():
+    scenes = {1: {"objects": [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "square"}]},
+              2: {"objects": [{"colour": "green", "shape": "triangle"}]}}
+    assert grounded_score(scenes, {1: "a blue box right of a red disk", 2: "a green triangle"}) == 1.0
+    assert grounded_score(scenes, {1: "a red circle", 2: "a green triangle"}) == 0.5
+
+
+def test_missing_references_are_an_error():
+    with pytest.raises(MetricsError, match="no reference caption"):
+        quick_scores({1: ["a"]}, {2: "a"})

@@ -1,0 +1,48 @@
+import pytest
+import yaml
+
+from captioning.params import ParamsError, load_params, parse_params
+from conftest import REPO
+
+
+def test_repo_params_parse():
+    params = load_params(REPO / "params.yaml")
+    assert params.data.source == "synthetic"
+    assert params.model.embed_size == 256
+
+
+def test_misspelt_key_is_named_with_a_suggestion():
+    with pytest.raises(ParamsError, match=r"unknown key 'train\.lrr'; did you mean 'train\.lr'"):
+        parse_params({"train": {"lrr": 0.1}})
+
+
+def test_unknown_section_is_rejected():
+    with pytest.raises(ParamsError, match="unknown key 'trian'"):
+        parse_params({"trian": {}})
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"train": {"lr": -1}}, r"train\.lr must be > 0"),
+    ({"train": {"batch_size": 0}}, r"train\.batch_size must be >= 1"),
+    ({"train": {"epochs": "5"}}, r"train\.epochs must be an integer"),
+    ({"vocab": {"threshold": 0}}, r"vocab\.threshold must be >= 1"),
+    ({"model": {"backbone": "vgg16"}}, r"model\.backbone must be one of resnet18, .*resnet152"),
+    ({"model": {"pretrained": "yes"}}, r"model\.pretrained must be true or false"),
+    ({"data": {"source": "imagenet"}}, r"data\.source must be one of synthetic"),
+    ({"train": {"select_metric": "accuracy"}}, r"train\.select_metric must be one of"),
+    ({"seed": 1.5}, r"seed must be an integer"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(raw, message):
+    with pytest.raises(ParamsError, match=message):
+        parse_params(raw)
+
+
+def test_load_params_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"model": {"hiden_size": 3}}))
+    with pytest.raises(ParamsError, match=r"params\.yaml: unknown key 'model\.hiden_size'; did you mean 'model\.hidden_size'"):
+        load_params(path)
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    assert parse_params({"train": {"lr": 1}}).train.lr == 1.0

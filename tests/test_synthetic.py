@@ -1,0 +1,86 @@
+import dataclasses
+import hashlib
+import json
+
+from PIL import Image
+from pycocotools.coco import COCO
+
+from captioning import synthetic
+from captioning.datasets import SPLITS, captions_path, read_split, write_synthetic
+from captioning.params import DataParams
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_params_and_seed_give_byte_identical_files(tmp_path, tiny_data):
+    params = dataclasses.replace(DataParams(), num_train=48, num_val=12, num_test=12, workers=2)
+    write_synthetic(tmp_path / "again", params, seed=7)  # the fixture used 1 worker: parallelism must not matter
+    assert _digest(tmp_path / "again") == _digest(tiny_data)
+    write_synthetic(tmp_path / "other", params, seed=8)
+    assert _digest(tmp_path / "other") != _digest(tiny_data)
+
+
+def test_splits_sizes_images_and_coco_format(tiny_data):
+    sizes = {"train": 48, "val": 12, "test": 12}
+    all_ids = set()
+    for split in SPLITS:
+        coco = COCO(str(captions_path(tiny_data, split)))  # the official reader accepts it
+        assert len(coco.getImgIds()) == sizes[split]
+        data = read_split(tiny_data, split)
+        for record in data.images:
+            assert len(data.captions[record["id"]]) == 5
+            with Image.open(data.image_path(record)) as image:
+                assert image.format == "JPEG" and image.mode == "RGB"
+                assert 300 <= min(image.size) and max(image.size) <= 640
+                assert image.size == (record["width"], record["height"])
+            assert 1 <= len(record["scene"]["objects"]) <= 3
+        all_ids |= {r["id"] for r in data.images}
+    assert len(all_ids) == sum(sizes.values())  # ids unique across splits
+
+
+def test_every_reference_caption_names_exactly_its_scene(tiny_data):
+    for split in SPLITS:
+        data = read_split(tiny_data, split)
+        for record in data.images:
+            for caption in data.captions[record["id"]]:
+                assert synthetic.mentioned_objects(caption) == synthetic.scene_objects(record["scene"]), caption
+
+
+def test_grammar_has_variety():
+    captions, objects = set(), []
+    for i in range(200):
+        scene, caps, _ = synthetic.make_sample(0, "train", i, 300, 640, 5)
+        captions.update(caps)
+        objects.append(len(scene["objects"]))
+    text = " ".join(captions)
+    for phrase in ("left of", "right of", "above", "below", "two ", "disk", "box", "big", "little", "background"):
+        assert phrase in text, phrase
+    assert len(captions) > 800  # 1000 captions, nearly all distinct
+    assert set(objects) == {1, 2, 3}
+
+
+def test_relation_words_match_positions():
+    scene = {"objects": [{"x": 0.2, "y": 0.5}, {"x": 0.8, "y": 0.5}]}
+    rng = synthetic.split_seed(0, "train", 0)
+    assert "left" in synthetic._relation(scene["objects"][0], scene["objects"][1], rng)
+    assert "right" in synthetic._relation(scene["objects"][1], scene["objects"][0], rng)
+    above = synthetic._relation({"x": 0.5, "y": 0.2}, {"x": 0.5, "y": 0.8}, rng)
+    assert above in ("above", "over")
+
+
+def test_mentioned_objects_reads_counts_synonyms_and_plurals():
+    found = synthetic.mentioned_objects("two red disks left of a big blue box and a white star")
+    assert found == {("red", "circle"), ("blue", "square"), ("white", "star")}
+    assert synthetic.mentioned_objects("a circle on a gray background") == set()
+
+
+def test_scene_json_is_kept(tiny_data):
+    doc = json.loads(captions_path(tiny_data, "test").read_text())
+    obj = doc["images"][0]["scene"]["objects"][0]
+    assert set(obj) == {"colour", "shape", "size", "x", "y", "radius"}

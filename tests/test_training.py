@@ -1,0 +1,87 @@
+"""The training loop on a tiny real dataset: it learns, it checkpoints, it resumes exactly."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from captioning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from captioning.datasets import read_split
+from captioning.model import Captioner
+from captioning.params import ModelParams, TrainParams
+from captioning.predict import caption_images
+from captioning.text import Vocabulary
+from captioning.training import fit
+
+MODEL = ModelParams(backbone="resnet18", image_size=32, embed_size=32, hidden_size=48)
+TRAIN = TrainParams(epochs=2, batch_size=40, lr=0.003, log_every=1, checkpoint_every=2, num_workers=0)
+
+
+class Recorder:
+    def __init__(self, stop_at: int | None = None):
+        self.steps, self.epochs, self.stop_at = [], [], stop_at
+
+    def on_step(self, row):
+        self.steps.append(row)
+        if row["step"] == self.stop_at:
+            raise KeyboardInterrupt  # as if the process were killed here
+
+    def on_epoch(self, row):
+        self.epochs.append(row)
+
+
+def _setup(tiny_data):
+    train = read_split(tiny_data, "train")
+    val = read_split(tiny_data, "val")
+    vocab = Vocabulary.build([c for cs in train.captions.values() for c in cs], 1)
+    torch.manual_seed(0)
+    return train, val, vocab, Captioner.build(MODEL, len(vocab))
+
+
+def test_fit_learns_and_reports_each_epoch(tiny_data):
+    train, val, vocab, model = _setup(tiny_data)
+    logs = Recorder()
+    result = fit(model, vocab, train, val, MODEL, dataclasses.replace(TRAIN, epochs=3), 0,
+                 torch.device("cpu"), logs)
+    assert [r["epoch"] for r in logs.epochs] == [1, 2, 3]
+    assert logs.steps[-1]["loss"] < logs.steps[0]["loss"] * 0.7
+    for key in ("val_loss", "cider", "bleu_4", "grounded"):
+        assert key in logs.epochs[0]
+    assert result.best_epoch in (1, 2, 3) and result.steps == len(logs.steps)
+    best = max(logs.epochs, key=lambda r: r["cider"])
+    assert result.best["cider"] == best["cider"]
+
+
+def test_resume_after_a_kill_ends_with_identical_weights(tiny_data, tmp_path):
+    train, val, vocab, model = _setup(tiny_data)
+    straight = fit(model, vocab, train, val, MODEL, TRAIN, 0, torch.device("cpu"), Recorder())
+
+    resume = tmp_path / "resume.pt"
+    _, _, _, model = _setup(tiny_data)
+    with pytest.raises(KeyboardInterrupt):  # killed mid-epoch 2, after the step-4 checkpoint
+        fit(model, vocab, train, val, MODEL, TRAIN, 0, torch.device("cpu"), Recorder(stop_at=5), resume)
+    assert resume.is_file()
+    _, _, _, fresh = _setup(tiny_data)
+    resumed = fit(fresh, vocab, train, val, MODEL, TRAIN, 0, torch.device("cpu"), Recorder(), resume)
+    assert resumed.steps == straight.steps
+    for key, value in straight.best_state.items():
+        assert torch.equal(value, resumed.best_state[key]), key
+    assert resumed.history == straight.history
+
+
+def test_checkpoint_round_trip_is_self_describing(tiny_data, tmp_path):
+    train, val, vocab, model = _setup(tiny_data)
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, model, vocab, {"seed": 0})
+    raw = torch.load(path, weights_only=True)  # plain data only: safe to load
+    assert raw["config"]["embed_size"] == 32 and raw["vocab"] == vocab.words
+    loaded, loaded_vocab, params = load_checkpoint(path)
+    assert loaded_vocab == vocab and params == {"seed": 0}
+    paths = [train.image_path(r) for r in train.images[:5]]
+    assert caption_images(model.eval(), vocab, paths, torch.device("cpu"), progress=False) == \
+        caption_images(loaded, loaded_vocab, paths, torch.device("cpu"), progress=False)
+
+
+def test_missing_checkpoint_says_which_stage_makes_it(tmp_path):
+    with pytest.raises(CheckpointError, match="run the train stage"):
+        load_checkpoint(tmp_path / "nope.pt")
