@@ -68,7 +68,8 @@ def main(args: argparse.Namespace) -> None:
     train_split = read_split(args.data, "train", images_root=args.images)
     val_split = read_split(args.data, "val", images_root=args.images)
     device = pick_device(params.train.device)
-    model = Captioner.build(params.model, len(vocab))
+    backbone_state = torch.load(args.backbone, map_location="cpu", weights_only=True)
+    model = Captioner.build(params.model, len(vocab), backbone_state)
     resume = Path(args.resume_dir) / f"train-{resume_key(params, vocab, Path(args.data) / 'train' / 'captions.json')}.pt"
 
     mlflow.set_experiment(experiment_id=experiment_id())
@@ -104,6 +105,7 @@ if __name__ == "__main__":
     parser.add_argument("--data", required=True, help="dataset folder (captions)")
     parser.add_argument("--images", required=True, help="resized images folder")
     parser.add_argument("--vocab", required=True)
+    parser.add_argument("--backbone", required=True, help="backbone weights (pretrain's output)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint to write")
     parser.add_argument("--metrics", required=True, help="train metrics JSON to write")
     parser.add_argument("--plots", required=True, help="folder for the loss/validation CSVs")

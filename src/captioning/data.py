@@ -19,23 +19,33 @@ from captioning.text import Vocabulary
 
 
 class CaptionDataset(Dataset):
-    """Item (index, item_seed) -> (image (3, S, S), [caption ids (L_i,), ...])."""
+    """Item (index, item_seed) -> (image (3, S, S), [caption ids (L_i,), ...]).
 
-    def __init__(self, split: Split, vocab: Vocabulary, transform: TrainTransform):
+    `captions_per_image` > 0 draws that many of the image's captions per item (by the item seed,
+    so a new draw each epoch); 0 keeps them all.
+    """
+
+    def __init__(self, split: Split, vocab: Vocabulary, transform: TrainTransform,
+                 captions_per_image: int = 0):
         # Images without captions teach nothing: leave them out.
         self.records = [r for r in split.images if split.captions[r["id"]]]
         self.paths = [split.image_path(r) for r in self.records]
         self.captions = [[torch.tensor(vocab.encode(c)) for c in split.captions[r["id"]]]
                          for r in self.records]
         self.transform = transform
+        self.captions_per_image = captions_per_image  # 0 = all of them
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, item: tuple[int, int]):
         index, item_seed = item
-        image = self.transform(load_rgb(self.paths[index]), random.Random(item_seed))
-        return image, self.captions[index]
+        rng = random.Random(item_seed)
+        image = self.transform(load_rgb(self.paths[index]), rng)
+        captions = self.captions[index]
+        if 0 < self.captions_per_image < len(captions):
+            captions = rng.sample(captions, self.captions_per_image)
+        return image, captions
 
 
 class ImageDataset(Dataset):

@@ -92,6 +92,12 @@ class Decoder(nn.Module):
         self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True)
         self.linear = nn.Linear(hidden_size, vocab_size)
         self.max_seq_len = max_seq_len
+        # Forget-gate bias 1 (Jozefowicz et al., 2015): the image arrives only at step 0, and the
+        # LSTM must remember it to the last object word; the default 0 forgets it early in training.
+        with torch.no_grad():
+            for name, bias in self.lstm.named_parameters():
+                if name.startswith("bias_ih"):
+                    bias[hidden_size:2 * hidden_size].fill_(1.0)  # gate order: input, forget, cell, output
 
     def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits of the packed targets.
@@ -142,9 +148,18 @@ class Captioner(nn.Module):
                                params.num_layers, params.max_seq_len)
 
     @classmethod
-    def build(cls, params: ModelParams, vocab_size: int) -> "Captioner":
-        """A new model for training: ImageNet weights loaded when `params.pretrained`."""
-        return cls({**asdict(params), "vocab_size": vocab_size}, backbone=load_backbone(params))
+    def build(cls, params: ModelParams, vocab_size: int, backbone_state: dict | None = None) -> "Captioner":
+        """A new model for training, its backbone from `backbone_state` (the pretrain stage's
+        output) or else as `params.pretrained` says."""
+        if backbone_state is None:
+            backbone = load_backbone(params)
+        else:
+            backbone = getattr(torchvision.models, params.backbone)(weights=None)
+            missing, unexpected = backbone.load_state_dict(backbone_state, strict=False)
+            if unexpected or any(not k.startswith("fc.") for k in missing):
+                raise ValueError(f"backbone weights do not fit {params.backbone}: missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]}; rerun the pretrain stage")
+        return cls({**asdict(params), "vocab_size": vocab_size}, backbone=backbone)
 
     def forward(self, images, captions, lengths, image_index):
         """Logits for the packed targets; `image_index[n]` is the image of caption n.

@@ -93,9 +93,27 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
+class PretrainParams:
+    epochs: int = 4  # visual-concept epochs over the train images; 0 = keep model.pretrained's weights
+    batch_size: int = 64  # images per step
+    lr: float = 0.002
+    max_concepts: int = 1000  # most frequent caption words and word pairs to predict
+    min_images: int = 5  # a concept must occur in this many train images
+
+    def check(self) -> None:
+        _at_least("pretrain.epochs", self.epochs, 0)
+        _at_least("pretrain.batch_size", self.batch_size, 1)
+        if not self.lr > 0:
+            raise ParamsError(f"pretrain.lr must be > 0, got {self.lr!r}")
+        _at_least("pretrain.max_concepts", self.max_concepts, 1)
+        _at_least("pretrain.min_images", self.min_images, 1)
+
+
+@dataclass(frozen=True)
 class TrainParams:
     epochs: int = 5
-    batch_size: int = 128
+    batch_size: int = 128  # captions per step, as in the seed
+    captions_per_image: int = 0  # captions drawn per image per epoch; 0 = all (CNN once per image)
     lr: float = 0.001
     log_every: int = 10  # steps between loss/perplexity logs
     checkpoint_every: int = 1000  # steps between resume checkpoints
@@ -111,6 +129,7 @@ class TrainParams:
         _one_of("train.select_metric", self.select_metric, SELECT_METRICS)
         _at_least("train.patience", self.patience, 0)
         _at_least("train.batch_size", self.batch_size, 1)
+        _at_least("train.captions_per_image", self.captions_per_image, 0)
         if not self.lr > 0:
             raise ParamsError(f"train.lr must be > 0, got {self.lr!r}")
         _at_least("train.log_every", self.log_every, 1)
@@ -140,6 +159,7 @@ class Params:
     vocab: VocabParams = VocabParams()
     resize: ResizeParams = ResizeParams()
     model: ModelParams = ModelParams()
+    pretrain: PretrainParams = PretrainParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
 

@@ -58,9 +58,11 @@ def trainable_parameters(model: Captioner) -> list[nn.Parameter]:
     return params
 
 
-def images_per_batch(split: Split, captions_per_batch: int) -> int:
+def images_per_batch(split: Split, captions_per_batch: int, captions_per_image: int = 0) -> int:
     """`train.batch_size` counts captions, as in the seed; a batch holds whole images."""
     per_image = median(len(c) for c in split.captions.values() if c) if split.captions else 1
+    if captions_per_image:
+        per_image = min(per_image, captions_per_image)
     return max(1, round(captions_per_batch / per_image))
 
 
@@ -69,9 +71,10 @@ def fit(model: Captioner, vocab: Vocabulary, train_split: Split, val_split: Spli
         callbacks: Callbacks, resume_path: Path | None = None) -> FitResult:
     model.to(device)
     dataset = CaptionDataset(train_split, vocab, TrainTransform(
-        model_params.image_size, random_crop=params.random_crop, hflip=params.hflip))
+        model_params.image_size, random_crop=params.random_crop, hflip=params.hflip),
+        captions_per_image=params.captions_per_image)
     val_dataset = CaptionDataset(val_split, vocab, EvalTransform(model_params.image_size))
-    batch_images = images_per_batch(train_split, params.batch_size)
+    batch_images = images_per_batch(train_split, params.batch_size, params.captions_per_image)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=params.lr)
     criterion = nn.CrossEntropyLoss()
     higher_is_better = params.select_metric != "val_loss"

@@ -1,0 +1,101 @@
+"""Visual-concept pretraining of the backbone from the captions alone.
+
+Offline there are no ImageNet weights, and a Show-and-Tell model trained from scratch learns to
+see very slowly: the image reaches the LSTM only as its first input, so early on the decoder
+learns the language and ignores a CNN that has not learnt anything yet (measured: grounded score
+still ~0.05 after 750 steps). Teaching the CNN first to predict which words and word pairs
+("red", "red circle", "left of") occur in an image's captions, as in Fang et al. 2015 ("From
+captions to visual concepts and back"), breaks that deadlock. It needs no labels beyond the
+captions, so it works the same on COCO; with ImageNet weights it fine-tunes them, or is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from captioning.data import EpochBatchSampler
+from captioning.datasets import Split
+from captioning.images import TrainTransform, load_rgb
+from captioning.text import tokenize
+
+
+def caption_concepts(caption: str) -> set[str]:
+    """Words and adjacent word pairs of a caption."""
+    words = tokenize(caption)
+    return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
+
+
+def build_concepts(split: Split, max_concepts: int, min_images: int) -> list[str]:
+    """The concepts found in at least `min_images` images, most frequent first (at most max_concepts)."""
+    counts = Counter()
+    for captions in split.captions.values():
+        counts.update(set().union(*map(caption_concepts, captions)) if captions else set())
+    kept = sorted((c for c, n in counts.items() if n >= min_images), key=lambda c: (-counts[c], c))
+    return kept[:max_concepts]
+
+
+class ConceptTargets:
+    """Image index -> multi-hot (K,) tensor of the concepts its captions contain."""
+
+    def __init__(self, split: Split, records: list[dict], concepts: list[str]):
+        index = {c: i for i, c in enumerate(concepts)}
+        self.targets = torch.zeros(len(records), len(concepts))
+        for n, record in enumerate(records):
+            for caption in split.captions[record["id"]]:
+                for concept in caption_concepts(caption):
+                    if concept in index:
+                        self.targets[n, index[concept]] = 1.0
+
+
+class _Images(Dataset):
+    """Item (index, item_seed) -> augmented image (3, S, S)."""
+
+    def __init__(self, paths: list, transform: TrainTransform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
+        index, item_seed = item
+        return self.transform(load_rgb(self.paths[index]), random.Random(item_seed))
+
+
+def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], *, image_size: int,
+                      epochs: int, batch_size: int, lr: float, seed: int, device: torch.device,
+                      num_workers: int = 0, log=print) -> dict:
+    """Train `backbone` (a torchvision ResNet; its fc is replaced) to predict caption concepts.
+
+    Returns a summary: final loss, steps, seconds. The backbone is left in place, trained.
+    """
+    records = [r for r in split.images if split.captions[r["id"]]]
+    dataset = _Images([split.image_path(r) for r in records],
+                      TrainTransform(image_size, random_crop=True, hflip=False))
+    targets = ConceptTargets(split, records, concepts).targets
+    backbone.fc = nn.Linear(backbone.fc.in_features, len(concepts))
+    backbone.to(device).train()
+    optimizer = torch.optim.Adam(backbone.parameters(), lr=lr)
+    criterion = nn.BCEWithLogitsLoss()
+    started, step, last = time.perf_counter(), 0, torch.tensor(math.nan)
+    for epoch in range(epochs):
+        sampler = EpochBatchSampler(len(dataset), batch_size, seed + 1, epoch)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                            pin_memory=device.type == "cuda")
+        for batch, images in zip(sampler.batches(), loader):
+            index = torch.tensor([i for i, _ in batch])
+            loss = criterion(backbone(images.to(device, non_blocking=True)), targets[index].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            last = loss.detach()
+        log(f"pretrain epoch {epoch + 1}/{epochs}: concept loss {float(last):.4f}")
+    return {"pretrain_loss": float(last), "pretrain_steps": step,
+            "pretrain_seconds": round(time.perf_counter() - started, 1), "concepts": len(concepts)}

@@ -1,0 +1,44 @@
+"""pretrain stage: teach the backbone to see, from the train captions (see captioning.pretrain)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from captioning.datasets import read_split
+from captioning.io import atomic_path, write_json_atomic
+from captioning.model import load_backbone
+from captioning.params import load_params
+from captioning.predict import pick_device
+from captioning.pretrain import build_concepts, pretrain_backbone
+
+
+def main(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    torch.manual_seed(params.seed)
+    backbone = load_backbone(params.model)  # ImageNet weights when model.pretrained
+    summary = {"pretrain_epochs": params.pretrain.epochs}
+    if params.pretrain.epochs:
+        split = read_split(args.data, "train", images_root=args.images)
+        concepts = build_concepts(split, params.pretrain.max_concepts, params.pretrain.min_images)
+        summary |= pretrain_backbone(
+            backbone, split, concepts, image_size=params.model.image_size, epochs=params.pretrain.epochs,
+            batch_size=params.pretrain.batch_size, lr=params.pretrain.lr, seed=params.seed,
+            device=pick_device(params.train.device), num_workers=params.train.num_workers)
+    # The head is task-specific; the captioner gets the feature layers only.
+    state = {k: v.cpu() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+    with atomic_path(args.out) as tmp:
+        torch.save(state, tmp)
+    write_json_atomic(args.metrics, summary)
+    print("pretrain: " + ", ".join(f"{k} {v}" for k, v in summary.items()) + f" -> {args.out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", required=True, help="dataset folder (captions)")
+    parser.add_argument("--images", required=True, help="resized images folder")
+    parser.add_argument("--out", required=True, help="backbone state_dict to write")
+    parser.add_argument("--metrics", required=True, help="pretrain summary JSON to write")
+    main(parser.parse_args())
