@@ -13,7 +13,18 @@ REFS = {
 HYPS = {1: "a red circle left of a blue square", 2: "a green triangle on a beige background"}
 
 
-def test_scores_equal_the_official_coco_evaluation(tmp_path):
+class _NoSpice:
+    """SPICE downloads Stanford CoreNLP on first use (no internet here); everything else is real."""
+
+    def compute_score(self, gts, res):
+        return 0.0, [0.0] * len(gts)
+
+    def method(self):
+        return "SPICE"
+
+
+def test_scores_equal_the_official_coco_evaluation(tmp_path, monkeypatch):
+    monkeypatch.setattr("pycocoevalcap.eval.Spice", _NoSpice)
     annotations = {"images": [{"id": i} for i in REFS], "annotations": [
         {"id": n, "image_id": i, "caption": c} for n, (i, c) in enumerate(
             (i, c) for i, cs in REFS.items() for c in cs)], "type": "captions", "info": {}, "licenses": []}

@@ -20,6 +20,7 @@ TINY = {
     "data": {"num_train": 40, "num_val": 8, "num_test": 8, "min_side": 100, "max_side": 160, "workers": 2},
     "resize": {"size": 64, "workers": 2},
     "model": {"image_size": 32, "embed_size": 16, "hidden_size": 24},
+    "pretrain": {"epochs": 1, "batch_size": 16},
     "train": {"epochs": 2, "batch_size": 40, "num_workers": 0, "log_every": 1},
     "evaluate": {"num_workers": 0, "gallery_size": 4},
 }
@@ -68,7 +69,7 @@ def test_repro_then_noop_then_experiment(tmp_path):
     clone, env = make_clone(tmp_path, TINY)
 
     out = _run(["dvc", "repro"], clone, env)
-    for stage in ("download", "vocab", "resize", "train", "evaluate"):
+    for stage in ("download", "vocab", "resize", "pretrain", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads((clone / "metrics" / "evaluate.json").read_text())
     for key in ("bleu_1", "bleu_4", "meteor", "rouge_l", "cider", "grounded"):
@@ -85,7 +86,7 @@ def test_repro_then_noop_then_experiment(tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.data.metrics["test_cider"] == pytest.approx(metrics["cider"])
-    assert run.data.params["train.lr"] == "0.001" and run.data.params["model.hidden_size"] == "24"
+    assert run.data.params["train.lr"] == "0.002" and run.data.params["model.hidden_size"] == "24"
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"checkpoint", "evaluate"} <= artifacts
@@ -99,7 +100,7 @@ def test_repro_then_noop_then_experiment(tmp_path):
     _run(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
     out = _run(["dvc", "exp", "run", "-S", "train.lr=0.0005"], clone, env)
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
-    for stage in ("download", "vocab", "resize"):
+    for stage in ("download", "vocab", "resize", "pretrain"):
         assert f"Running stage '{stage}'" not in out
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], clone, env))
     exps = [e for rev in shown for e in (rev.get("experiments") or [])]

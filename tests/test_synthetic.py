@@ -75,8 +75,8 @@ def test_relation_words_match_positions():
 
 
 def test_mentioned_objects_reads_counts_synonyms_and_plurals():
-    found = synthetic.mentioned_objects("two red disks left of a big blue box and a white star")
-    assert found == {("red", "circle"), ("blue", "square"), ("white", "star")}
+    found = synthetic.mentioned_objects("two red disks left of a big blue box and a yellow triangle")
+    assert found == {("red", "circle"), ("blue", "square"), ("yellow", "triangle")}
     assert synthetic.mentioned_objects("a circle on a gray background") == set()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -36,3 +38,39 @@ def caption_images(model: Captioner, vocab: Vocabulary, paths: list, device: tor
         for row, i in zip(ids.tolist(), index.tolist()):
             captions[i] = vocab.decode(row)
     return captions
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def image_files(inputs: list[str]) -> list[Path]:
+    """Files named, plus the images inside folders named (sorted)."""
+    found: list[Path] = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise SystemExit(f"caption: no such file or folder: {path}")
+    return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`caption IMAGE_OR_FOLDER... --checkpoint models/checkpoint.pt`: one `path<TAB>caption` per line."""
+    import argparse
+
+    from captioning.checkpoint import load_checkpoint
+
+    parser = argparse.ArgumentParser(prog="caption", description=main.__doc__)
+    parser.add_argument("inputs", nargs="+", help="image files or folders of images (any mode: converted to RGB)")
+    parser.add_argument("--checkpoint", default="models/checkpoint.pt")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    paths = image_files(args.inputs)
+    model, vocab, _ = load_checkpoint(args.checkpoint)
+    captions = caption_images(model, vocab, paths, pick_device(args.device), args.batch_size, progress=False)
+    for path, caption in zip(paths, captions):
+        print(f"{path}\t{caption}")

@@ -11,6 +11,7 @@ evaluate reopens it by that id.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -50,18 +51,25 @@ def experiment_id(name: str = EXPERIMENT, root: Path | None = None) -> str:
     root = root or repo_root()
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    if not uri.startswith("sqlite:///"):
+        return _get_or_create(MlflowClient(uri), name, None)
+    # Parallel queue workers would race to create a fresh SQLite store (alembic migrations are
+    # not concurrency-safe): the first one creates it under an exclusive lock, the others wait.
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _get_or_create(MlflowClient(uri), name, (root / "mlartifacts").as_uri())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _get_or_create(client: MlflowClient, name: str, location: str | None) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:
-        found = client.get_experiment_by_name(name)  # created meanwhile by a parallel worker
-        if found is None:
-            raise
-        return found.experiment_id
+    return client.create_experiment(name, artifact_location=location)
 
 
 def run_name() -> str:
