@@ -18,6 +18,7 @@ from captioning.io import write_json_atomic, write_text_atomic
 from captioning.model import Captioner
 from captioning.params import load_params
 from captioning.predict import pick_device
+from captioning.serving import log_pyfunc
 from captioning.text import Vocabulary
 from captioning.tracking import MetricLogger, experiment_id, flatten, run_name, run_tags, write_run_info
 from captioning.training import fit
@@ -41,7 +42,9 @@ class Logs:
         print("epoch {epoch}: val_loss {val_loss:.4f}, cider {cider:.3f}, bleu_4 {bleu_4:.3f}, "
               "grounded {grounded:.3f}".format(**row), flush=True)
         self.mlflow.log({f"val_{k}" if k in ("cider", "bleu_4", "grounded") else k: v
-                         for k, v in row.items() if k not in ("epoch", "best_epoch") and v == v},
+                         for k, v in row.items()
+                         # train_loss is already a per-step curve; NaN (no scenes) is not a score
+                         if k not in ("epoch", "best_epoch", "train_loss") and v == v},
                         row["epoch"])
         self.mlflow.flush()
 
@@ -83,7 +86,8 @@ def main(args: argparse.Namespace) -> None:
         save_checkpoint(args.checkpoint, model, vocab, params.to_dict(), state_dict=result.best_state)
         metrics = {"final_train_loss": result.final_train_loss, "best_epoch": result.best_epoch,
                    "steps": result.steps, "train_seconds": round(result.seconds, 1),
-                   **{f"val_{k}": v for k, v in result.best.items() if k not in ("epoch", "train_loss")}}
+                   **{k if k.startswith("val_") else f"val_{k}": v
+                      for k, v in result.best.items() if k not in ("epoch", "train_loss")}}
         write_json_atomic(args.metrics, metrics)
         write_csv(Path(args.plots) / "train_loss.csv", [
             {k: r[k] for k in ("step", "epoch", "loss", "perplexity")} for r in logs.steps])
@@ -93,6 +97,7 @@ def main(args: argparse.Namespace) -> None:
         logs.mlflow.flush()
         mlflow.log_metrics({"best_epoch": result.best_epoch})
         mlflow.log_artifact(args.checkpoint, artifact_path="checkpoint")
+        log_pyfunc(args.checkpoint, example_image=val_split.image_path(val_split.images[0]))
         write_run_info(args.run_info, run)
     resume.unlink(missing_ok=True)  # finished: a rerun must start afresh, not resume
     print(f"train: {result.steps} steps in {result.seconds:.0f}s; best epoch {result.best_epoch} "

@@ -43,9 +43,17 @@ def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
         return image.convert("RGB")
 
 
+class BadImageError(ValueError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
 def resize_one(src: Path, dst: Path, size: int, quality: int) -> None:
     """Resize `src` to size x size (aspect not kept, as in Show and Tell) and save a JPEG."""
-    image = load_rgb(src, draft=size * 2)
+    try:
+        image = load_rgb(src, draft=size * 2)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        # Raised in a worker process: without the path the user could not find the file.
+        raise BadImageError(f"{src}: cannot decode image ({err}); remove it or fix its annotation") from None
     image = image.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
     dst.parent.mkdir(parents=True, exist_ok=True)
     image.save(dst, format="JPEG", quality=quality)

@@ -65,12 +65,23 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="caption", description=main.__doc__)
     parser.add_argument("inputs", nargs="+", help="image files or folders of images (any mode: converted to RGB)")
-    parser.add_argument("--checkpoint", default="models/checkpoint.pt")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default="models/checkpoint.pt")
+    source.add_argument("--model", help="an MLflow model URI instead: runs:/<run id>/model, models:/...")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     paths = image_files(args.inputs)
-    model, vocab, _ = load_checkpoint(args.checkpoint)
-    captions = caption_images(model, vocab, paths, pick_device(args.device), args.batch_size, progress=False)
+    if args.model:
+        import mlflow.pyfunc
+        import pandas as pd
+
+        from captioning.serving import encode_image
+
+        frame = pd.DataFrame({"image": [encode_image(p) for p in paths]})
+        captions = list(mlflow.pyfunc.load_model(args.model).predict(frame)["caption"])
+    else:
+        model, vocab, _ = load_checkpoint(args.checkpoint)
+        captions = caption_images(model, vocab, paths, pick_device(args.device), args.batch_size, progress=False)
     for path, caption in zip(paths, captions):
         print(f"{path}\t{caption}")

@@ -88,7 +88,7 @@ def make_scene(rng: np.random.Generator, min_side: int, max_side: int) -> dict:
         else:
             colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
         size = str(rng.choice(["small", "large"]))
-        radius = float(rng.uniform(0.09, 0.12) if size == "small" else rng.uniform(0.15, 0.18))
+        radius = float(rng.uniform(0.10, 0.13) if size == "small" else rng.uniform(0.16, 0.19))
         short = min(width, height)
         mx, my = MARGIN + radius * short / width, MARGIN + radius * short / height
         for _ in range(50):

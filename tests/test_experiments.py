@@ -1,0 +1,171 @@
+"""The daily loop of a DVC + MLflow user, for real: a queued sweep run by two parallel workers,
+the run-cache, plots, the MLflow tracking server, `mlflow models serve`, and a DVC remote."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from test_pipeline import TINY, _run, make_clone
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A clone whose default pipeline has run and been committed."""
+    clone, env = make_clone(tmp_path_factory.mktemp("exp"), TINY)
+    _run(["dvc", "repro"], clone, env)
+    _run(["git", "add", "-A"], clone, env)
+    _run(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
+    return clone, env
+
+
+def _client(clone: Path) -> tuple[MlflowClient, str]:
+    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("captioning").experiment_id
+
+
+def test_queued_sweep_with_two_workers_lands_in_the_repo_store(project):
+    clone, env = project
+    client, exp_id = _client(clone)
+    before = {r.info.run_id for r in client.search_runs([exp_id])}
+    _run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.003,0.0005"], clone, env)
+    _run(["dvc", "queue", "start", "-j", "2"], clone, env)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = _run(["dvc", "queue", "status"], clone, env)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    runs = [r for r in client.search_runs([exp_id]) if r.info.run_id not in before]
+    assert sorted(r.data.params["train.lr"] for r in runs) == ["0.0005", "0.003"]
+    names = {e["name"] for rev in json.loads(_run(["dvc", "exp", "show", "--json"], clone, env))
+             for e in (rev.get("experiments") or [])}
+    for run in runs:
+        assert run.info.run_name in names  # named after its DVC experiment
+        assert "test_cider" in run.data.metrics
+        # The artifacts live under the repo, not in DVC's deleted temporary copy.
+        assert run.info.artifact_uri.startswith((clone / "mlartifacts").as_uri())
+        local = Path(run.info.artifact_uri.removeprefix("file://")) / "checkpoint" / "checkpoint.pt"
+        assert local.is_file()
+    assert not any((clone / ".dvc" / "tmp" / "exps").glob("tmp*/mlflow.db"))
+
+
+def test_run_cache_restores_without_a_new_run(project):
+    clone, env = project
+    client, exp_id = _client(clone)
+    _run(["dvc", "exp", "run", "-S", "train.lr=0.0007"], clone, env)
+    count = len(client.search_runs([exp_id]))
+    out = _run(["dvc", "exp", "run", "-S", "train.lr=0.0007"], clone, env)
+    assert "Running stage 'train'" not in out  # restored from DVC's run-cache
+    assert len(client.search_runs([exp_id])) == count
+    run_id = json.loads((clone / "models" / "mlflow_run.json").read_text())["run_id"]
+    assert client.get_run(run_id).data.params["train.lr"] == "0.0007"
+    diff = json.loads(_run(["dvc", "params", "diff", "--json"], clone, env))
+    assert diff["params.yaml"]["train.lr"]["new"] == 0.0007
+    metrics = json.loads(_run(["dvc", "metrics", "diff", "--all", "--json"], clone, env))
+    assert "metrics/evaluate.json" in metrics
+    _run(["git", "checkout", "--", "params.yaml"], clone, env)
+    _run(["dvc", "checkout"], clone, env)
+
+
+def test_plots_show_the_curves(project, tmp_path):
+    clone, env = project
+    out = tmp_path / "plots"
+    _run(["dvc", "plots", "show", "--json", "-o", str(out)], clone, env)
+    shown = json.loads(_run(["dvc", "plots", "show", "--json"], clone, env))
+    assert "plots/train/train_loss.csv" in json.dumps(shown)
+    assert "Validation per epoch" in json.dumps(shown)
+
+
+def test_mlflow_server_serves_runs_over_rest(project):
+    clone, env = project
+    port = _free_port()
+    server = subprocess.Popen(
+        ["mlflow", "server", "--backend-store-uri", f"sqlite:///{clone / 'mlflow.db'}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=clone, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_http(f"{base}/health")
+        found = json.loads(urllib.request.urlopen(
+            f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=captioning", timeout=10).read())
+        exp_id = found["experiment"]["experiment_id"]
+        runs = _post(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
+        assert runs
+        metrics = {m["key"] for m in runs[-1]["data"]["metrics"]}
+        assert {"test_cider", "test_bleu_4", "train_loss", "val_loss"} <= metrics
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_mlflow_models_serve_captions_posted_images(project):
+    clone, env = project
+    run_id = json.loads((clone / "models" / "mlflow_run.json").read_text())["run_id"]
+    port = _free_port()
+    serve_env = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{clone / 'mlflow.db'}")
+    server = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        cwd=clone, env=serve_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/ping")
+        images = sorted((clone / "data" / "raw" / "test" / "images").glob("*.jpg"))[:2]
+        body = {"dataframe_split": {"columns": ["image"], "data": [
+            [base64.b64encode(p.read_bytes()).decode()] for p in images]}}
+        predictions = _post(f"http://127.0.0.1:{port}/invocations", body)["predictions"]
+        assert len(predictions) == 2
+        assert all(isinstance(p["caption"], str) and p["caption"] for p in predictions)
+    finally:
+        server.terminate()
+        server.wait(30)
+    out = _run(["caption", "--model", f"runs:/{run_id}/model", str(images[0])], clone, serve_env)
+    assert out.strip().split("\t")[0] == str(images[0])
+
+
+def test_push_pull_through_a_local_remote(project, tmp_path):
+    clone, env = project
+    _run(["dvc", "remote", "add", "-f", "-d", "store", str(tmp_path / "remote")], clone, env)
+    _run(["dvc", "push"], clone, env)
+    shutil.rmtree(clone / ".dvc" / "cache")
+    shutil.rmtree(clone / "data" / "resized")
+    (clone / "models" / "checkpoint.pt").unlink()
+    _run(["dvc", "pull"], clone, env)
+    assert (clone / "models" / "checkpoint.pt").is_file()
+    assert "Running stage" not in _run(["dvc", "repro"], clone, env)
