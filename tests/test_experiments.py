@@ -84,6 +84,10 @@ def test_queued_sweep_with_two_workers_lands_in_the_repo_store(project):
         local = Path(run.info.artifact_uri.removeprefix("file://")) / "checkpoint" / "checkpoint.pt"
         assert local.is_file()
     assert not any((clone / ".dvc" / "tmp" / "exps").glob("tmp*/mlflow.db"))
+    a, b = sorted(r.info.run_name for r in runs)
+    diff = json.loads(_run(["dvc", "plots", "diff", a, b, "--json"], clone, env))
+    text = json.dumps(diff)
+    assert a in text and b in text and "train_loss.csv" in text
 
 
 def test_run_cache_restores_without_a_new_run(project):

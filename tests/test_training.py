@@ -86,3 +86,30 @@ def test_checkpoint_round_trip_is_self_describing(tiny_data, tmp_path):
 def test_missing_checkpoint_says_which_stage_makes_it(tmp_path):
     with pytest.raises(CheckpointError, match="run the train stage"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(tiny_data):
+    train, val, vocab, model = _setup(tiny_data)
+    logs = Recorder()
+    frozen = dataclasses.replace(TRAIN, epochs=6, lr=1e-12, patience=2, select_metric="val_loss")
+    result = fit(model, vocab, train, val, MODEL, frozen, 0, torch.device("cpu"), logs)
+    assert len(logs.epochs) == 3  # epoch 1 sets the best; 2 and 3 do not beat it
+    assert result.best_epoch == 1
+
+
+def test_caption_cli_on_a_folder_of_mixed_modes(tiny_data, tmp_path, capsys):
+    from PIL import Image
+
+    from captioning.predict import main
+
+    train, val, vocab, model = _setup(tiny_data)
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, model, vocab, {})
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.open(train.image_path(train.images[0])).convert("RGBA").save(folder / "a.png")
+    Image.open(train.image_path(train.images[1])).convert("L").save(folder / "b.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    main([str(folder), "--checkpoint", str(path)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(folder / "a.png"), str(folder / "b.jpg")]
