@@ -91,7 +91,8 @@ def test_missing_checkpoint_says_which_stage_makes_it(tmp_path):
 def test_early_stopping_after_patience_epochs_without_improvement(tiny_data):
     train, val, vocab, model = _setup(tiny_data)
     logs = Recorder()
-    frozen = dataclasses.replace(TRAIN, epochs=6, lr=1e-12, patience=2, select_metric="val_loss")
+    # An untrained model names no object: grounded stays 0, so only epoch 1 counts as best.
+    frozen = dataclasses.replace(TRAIN, epochs=6, lr=1e-12, patience=2, select_metric="grounded")
     result = fit(model, vocab, train, val, MODEL, frozen, 0, torch.device("cpu"), logs)
     assert len(logs.epochs) == 3  # epoch 1 sets the best; 2 and 3 do not beat it
     assert result.best_epoch == 1
