@@ -104,8 +104,10 @@ def test_run_cache_restores_without_a_new_run(project):
     assert diff["params.yaml"]["train.lr"]["new"] == 0.0007
     metrics = json.loads(_run(["dvc", "metrics", "diff", "--all", "--json"], clone, env))
     assert "metrics/evaluate.json" in metrics
-    _run(["git", "checkout", "--", "params.yaml"], clone, env)
-    _run(["dvc", "checkout"], clone, env)
+    # `dvc exp run` applied the experiment to the workspace: back to the committed baseline.
+    _run(["git", "checkout", "--", "."], clone, env)
+    _run(["dvc", "checkout", "--force"], clone, env)
+    assert "up to date" in _run(["dvc", "status"], clone, env)
 
 
 def test_plots_show_the_curves(project, tmp_path):
