@@ -14,12 +14,13 @@ from captioning.params import load_params
 from captioning.predict import caption_images, pick_device
 from captioning.report import GalleryItem, gallery_html
 from captioning.synthetic import mentioned_objects, scene_objects
+from captioning.text import Vocabulary
 from captioning.tracking import experiment_id, reopen_run
 
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params).evaluate
-    model, vocab, _ = load_checkpoint(args.checkpoint)
+    model, vocab, _ = load_checkpoint(args.checkpoint, expect_vocab=Vocabulary.load(args.vocab))
     split = read_split(args.data, "test", images_root=args.images)
     records = [r for r in split.images if split.captions[r["id"]]]
     device = pick_device(params.device)
@@ -52,6 +53,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--vocab", required=True, help="the pipeline's vocabulary; must match the checkpoint's")
     parser.add_argument("--data", required=True, help="dataset folder (captions)")
     parser.add_argument("--images", required=True, help="resized images folder")
     parser.add_argument("--run-info", required=True, help="train's record of the MLflow run")

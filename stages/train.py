@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -67,6 +68,11 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     torch.manual_seed(params.seed)
+    if params.train.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; set before the first CUDA call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     vocab = Vocabulary.load(args.vocab)
     train_split = read_split(args.data, "train", images_root=args.images)
     val_split = read_split(args.data, "val", images_root=args.images)

@@ -11,7 +11,11 @@ from captioning.text import Vocabulary, tokenize
 
 def main(params_path: str, data: str, out: str) -> None:
     params = load_params(params_path).vocab
-    captions = [c for caps in read_split(data, "train").captions.values() for c in caps]
+    split = read_split(data, "train")
+    captions = [c for caps in split.captions.values() for c in caps]
+    without = sum(not caps for caps in split.captions.values())
+    if split.empty_captions or without:
+        print(f"vocab: skipped {split.empty_captions} empty captions; {without} train images have no caption")
     vocab = Vocabulary.build(captions, params.threshold)
     vocab.save(out)
     tokens = [t for c in captions for t in tokenize(c)]

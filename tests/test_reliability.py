@@ -124,3 +124,33 @@ def test_kill_9_during_training_then_rerun_resumes_to_the_same_result(tiny_data,
     a = torch.load(work / "straight" / "checkpoint.pt", weights_only=True)["state_dict"]
     b = torch.load(work / "killed" / "checkpoint.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_empty_captions_are_skipped_and_counted_duplicates_refused(tmp_path):
+    folder = tmp_path / "train"
+    folder.mkdir()
+    path = folder / "captions.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+                                "annotations": [{"image_id": 1, "caption": "  "}, {"image_id": 1, "caption": "..."},
+                                                {"image_id": 1, "caption": "Ein Café, très grand" + " word" * 300}]}))
+    split = read_split(tmp_path, "train")
+    assert split.empty_captions == 2 and len(split.captions[1]) == 1 and split.captions[2] == []
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}],
+                                "annotations": []}))
+    with pytest.raises(DatasetError, match=r"images\[1\] repeats image id 1"):
+        read_split(tmp_path, "train")
+
+
+def test_checkpoint_from_another_vocabulary_is_refused(tmp_path):
+    from captioning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from captioning.model import Captioner
+    from captioning.params import ModelParams
+    from captioning.text import Vocabulary
+
+    vocab = Vocabulary.build(["a red circle"], 1)
+    model = Captioner.build(ModelParams(image_size=32, embed_size=8, hidden_size=8), len(vocab))
+    save_checkpoint(tmp_path / "c.pt", model, vocab, {})
+    other = Vocabulary.build(["a blue square"], 1)
+    with pytest.raises(CheckpointError, match="different vocabulary.*first difference at index"):
+        load_checkpoint(tmp_path / "c.pt", expect_vocab=other)
+    load_checkpoint(tmp_path / "c.pt", expect_vocab=vocab)

@@ -35,8 +35,13 @@ def save_checkpoint(path: str | Path, model: Captioner, vocab: Vocabulary, param
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[Captioner, Vocabulary, dict]:
-    """(model in eval mode, vocab, the params it was trained with)."""
+def load_checkpoint(path: str | Path, map_location="cpu", expect_vocab: Vocabulary | None = None,
+                    ) -> tuple[Captioner, Vocabulary, dict]:
+    """(model in eval mode, vocab, the params it was trained with).
+
+    With `expect_vocab`, a checkpoint trained with another vocabulary is refused: its word ids
+    would mean other words.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint; run the train stage first (dvc repro train)")
@@ -49,6 +54,15 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> tuple[Captioner, Vo
             f"{path}: its vocabulary has {len(vocab)} words but its model expects "
             f"{ckpt['config']['vocab_size']}; the file is inconsistent, retrain it"
         )
+    if expect_vocab is not None and vocab != expect_vocab:
+        diff = next((i for i, (a, b) in enumerate(zip(vocab.words, expect_vocab.words)) if a != b),
+                    min(len(vocab), len(expect_vocab)))
+        raise CheckpointError(
+            f"{path}: trained with a different vocabulary ({len(vocab)} words) than the current one "
+            f"({len(expect_vocab)} words; first difference at index {diff}); retrain it (dvc repro train)")
     model = Captioner(ckpt["config"])
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit its own model config {ckpt['config']}: {err}") from None
     return model.eval(), vocab, ckpt["params"]

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from captioning import synthetic
 from captioning.params import DataParams
+from captioning.text import tokenize
 
 SPLITS = ("train", "val", "test")
 
@@ -35,6 +36,7 @@ class Split:
     images: list[dict]  # COCO image records, in file order
     captions: dict[int, list[str]]  # image id -> its reference captions
     images_dir: Path
+    empty_captions: int = 0  # skipped: nothing left after tokenization
 
     def image_path(self, record: dict) -> Path:
         return self.images_dir / record["file_name"]
@@ -64,14 +66,22 @@ def read_split(root: str | Path, split: str, images_root: str | Path | None = No
     for n, image in enumerate(coco["images"]):
         if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
             raise DatasetError(f"{path}: images[{n}] needs 'id' and 'file_name', got {image!r:.200}")
+        if image["id"] in captions:
+            raise DatasetError(f"{path}: images[{n}] repeats image id {image['id']!r}; ids must be unique")
         captions[image["id"]] = []
+    empty = 0
     for n, ann in enumerate(coco["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
             raise DatasetError(f"{path}: annotations[{n}] needs 'image_id' and 'caption', got {ann!r:.200}")
         if ann["image_id"] not in captions:
             raise DatasetError(f"{path}: annotations[{n}] refers to image_id {ann['image_id']} not in 'images'")
+        if not isinstance(ann["caption"], str):
+            raise DatasetError(f"{path}: annotations[{n}] caption must be a string, got {ann['caption']!r:.100}")
+        if not tokenize(ann["caption"]):
+            empty += 1  # an empty or punctuation-only caption teaches nothing: skipped, counted
+            continue
         captions[ann["image_id"]].append(ann["caption"])
-    return Split(coco["images"], captions, images_dir(images_root or root, split))
+    return Split(coco["images"], captions, images_dir(images_root or root, split), empty_captions=empty)
 
 
 def coco_captions(images: list[dict], captions: dict[int, list[str]], description: str) -> dict:

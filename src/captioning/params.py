@@ -123,6 +123,7 @@ class TrainParams:
     patience: int = 0  # stop after this many epochs without improvement; 0 = never
     num_workers: int = 1  # DataLoader worker processes
     device: str = "auto"
+    deterministic: bool = False  # CUDA: deterministic algorithms (slower); CPU runs are already
 
     def check(self) -> None:
         _at_least("train.epochs", self.epochs, 1)
