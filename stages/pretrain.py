@@ -30,8 +30,9 @@ def main(args: argparse.Namespace) -> None:
     state = {k: v.cpu() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
     with atomic_path(args.out) as tmp:
         torch.save(state, tmp)
+    seconds = summary.pop("pretrain_seconds", 0.0)  # wall time varies: printed, not a DVC metric
     write_json_atomic(args.metrics, summary)
-    print("pretrain: " + ", ".join(f"{k} {v}" for k, v in summary.items()) + f" -> {args.out}")
+    print("pretrain: " + ", ".join(f"{k} {v}" for k, v in summary.items()) + f" in {seconds:.0f}s -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> None:
                      device, logs, resume_path=resume)
         save_checkpoint(args.checkpoint, model, vocab, params.to_dict(), state_dict=result.best_state)
         metrics = {"final_train_loss": result.final_train_loss, "best_epoch": result.best_epoch,
-                   "steps": result.steps, "train_seconds": round(result.seconds, 1),
+                   "steps": result.steps,
                    **{k if k.startswith("val_") else f"val_{k}": v
                       for k, v in result.best.items() if k not in ("epoch", "train_loss")}}
         write_json_atomic(args.metrics, metrics)
@@ -101,7 +101,8 @@ def main(args: argparse.Namespace) -> None:
             {k: r[k] for k in ("epoch", "train_loss", "val_loss", "cider", "bleu_4", "grounded")}
             for r in logs.epochs])
         logs.mlflow.flush()
-        mlflow.log_metrics({"best_epoch": result.best_epoch})
+        # Wall time goes to MLflow only: in the DVC metrics file it would differ run to run.
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.seconds})
         mlflow.log_artifact(args.checkpoint, artifact_path="checkpoint")
         log_pyfunc(args.checkpoint, example_image=val_split.image_path(val_split.images[0]))
         write_run_info(args.run_info, run)
