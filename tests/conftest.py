@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,5 +35,5 @@ def tiny_data(tmp_path_factory) -> Path:
 def venv_env() -> dict[str, str]:
     """The environment for subprocesses: this interpreter's bin dir first on PATH."""
     env = dict(os.environ)
-    env["PATH"] = f"{Path(os.sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
