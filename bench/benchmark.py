@@ -1,0 +1,526 @@
+"""Side-by-side benchmark of the seed's ways and ours, in one run, on the same data and model.
+
+    python bench/benchmark.py            # ~5 min on 2 CPU cores; prints a markdown table last
+
+Measured (each piece in its own freshly spawned process, so one piece's caches, threads and
+memory never flatter or burden the next, and its peak RSS is its own):
+
+1. A train epoch with a frozen resnet18: (a) the seed's loop, re-implemented here (one item per
+   (image, caption) pair, JPEG decoded and caption tokenized in __getitem__, the CNN run once per
+   caption, `loss.item()` every step) vs (b) `captioning.training.fit` itself (captions tokenized
+   once, one item per image with all its captions, the CNN once per image per step).
+2. Resizing raw images to 256 px: `captioning.images.resize_all` (one process per core) vs a
+   single-process Pillow loop.
+3. Greedy captioning of the test images: `captioning.predict.caption_images` batched (64) vs
+   one image at a time.
+4. Peak RSS of the train epochs and of captioning.
+5. Scaling of (b): seconds per image at N and 4N train images (smaller images, to stay short).
+
+Both train loops share the data, vocabulary, transform, initial weights (same torch seed), model
+sizes, captions per step (128), learning rate and DataLoader workers: only the loop differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import multiprocessing
+import os
+import platform
+import random
+import resource
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import PIL
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils.data import DataLoader, Dataset
+
+from captioning.datasets import SPLITS, Split, images_dir, read_split, write_synthetic
+from captioning.images import TrainTransform, resize_all
+from captioning.model import Captioner
+from captioning.params import DataParams, ModelParams, TrainParams
+from captioning.predict import caption_images
+from captioning.text import Vocabulary, tokenize
+from captioning.training import fit, trainable_parameters
+
+RESIZE_SIDE = 256  # the resize stage's output, as in the seed
+JPEG_QUALITY = 95
+LAST_STEPS = 5  # final loss = mean of this many last steps (one step's loss is noisy)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything both sides of a comparison share."""
+
+    n_train: int = 600
+    n_test: int = 100  # images captioned in the evaluation comparison
+    image_size: int = 64  # network input side for the epoch comparison
+    scale_image_size: int = 32  # smaller for the 4N scaling run, to keep it short
+    batch_captions: int = 128  # captions per step, the seed's batch size
+    lr: float = 0.001
+    embed_size: int = 256  # the seed's sizes
+    hidden_size: int = 512
+    num_workers: int = 1  # DataLoader workers, both loops (TrainParams' default)
+    eval_batch: int = 64
+    repeats: int = 3  # passes of the short pieces (resize, captioning); the fastest counts
+    seed: int = 42
+
+    def model_params(self, image_size: int | None = None) -> ModelParams:
+        return ModelParams(backbone="resnet18", pretrained=False, train_backbone=False,
+                           image_size=image_size or self.image_size, embed_size=self.embed_size,
+                           hidden_size=self.hidden_size)
+
+    def train_params(self, captions_per_image: int = 0) -> TrainParams:
+        # log_every=1: fit then reads the loss every step, exactly as the seed's loop does.
+        return TrainParams(epochs=1, batch_size=self.batch_captions, captions_per_image=captions_per_image,
+                           lr=self.lr, log_every=1, checkpoint_every=10**9, hflip=False, random_crop=True,
+                           select_metric="val_loss", num_workers=self.num_workers, device="cpu")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the generated data lives (inside one temporary folder)."""
+
+    root: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "resized"
+
+    @property
+    def vocab(self) -> Path:
+        return self.root / "vocab.json"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model.pt"
+
+
+# ---- running a piece in isolation -----------------------------------------------------------
+
+QUIET_LOAD = 0.1  # cores other processes may use during a piece before it counts as contended
+
+
+def _child(conn, start_method: str, fn, args) -> None:
+    try:
+        # A spawned process inherits "spawn" as its default start method; the measured code must see
+        # the one a plain `python` run sees (fork on Linux), or every DataLoader and resize worker
+        # would re-import torch and this module first (several seconds each).
+        multiprocessing.set_start_method(start_method, force=True)
+        result = fn(*args)
+        # ru_maxrss is KiB on Linux. Children = DataLoader / resize workers, already joined here.
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        conn.send(("ok", {**result, "rss_mib": own.ru_maxrss / 1024, "workers_rss_mib": children.ru_maxrss / 1024}))
+    except BaseException:  # noqa: BLE001  (reported to the parent, which re-raises)
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes on this machine have used since boot (Linux /proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its joined children (DataLoader / resize workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class Stopwatch:
+    """Wall time of a measured region, and the cores other processes used meanwhile.
+
+    On 2 cores one busy neighbour wrecks torch's 2 OpenMP threads (a batch-1 resnet18 forward
+    went from 11 ms to 650 ms here), so a contended figure must be visible as such.
+    """
+
+    def __init__(self):
+        self.started, self.busy, self.own = time.perf_counter(), busy_cpu_seconds(), own_cpu_seconds()
+
+    def stop(self, end: float | None = None) -> dict:
+        """`end`: when the measured work ended, if before now (the window for the load is all of it)."""
+        now = time.perf_counter()
+        others = busy_cpu_seconds() - self.busy - (own_cpu_seconds() - self.own)
+        return {"seconds": (end or now) - self.started, "other_load": max(0.0, others) / (now - self.started)}
+
+
+def best_of(repeats: int, work) -> dict:
+    """The fastest of `repeats` timed calls of work() -> dict: short runs are noisy."""
+    runs = []
+    for _ in range(repeats):
+        watch = Stopwatch()
+        value = work()
+        runs.append({**value, **watch.stop()})
+    return min(runs, key=lambda run: run["seconds"])
+
+
+def isolated(fn, *args) -> dict:
+    """fn(*args) -> dict, run in a fresh spawned process; adds its peak RSS (MiB).
+
+    A plain Process, not a Pool: pool workers are daemonic and may not start the DataLoader's or
+    resize_all's own worker processes.
+    """
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(send, multiprocessing.get_start_method(), fn, args))
+    process.start()
+    send.close()
+    try:
+        status, payload = receive.recv()
+    except EOFError:
+        process.join()
+        raise RuntimeError(f"{fn.__name__} died (exit code {process.exitcode})") from None
+    process.join()
+    if status != "ok":
+        raise RuntimeError(f"{fn.__name__} failed in its process:\n{payload}")
+    return payload
+
+
+def wait_for_quiet(max_wait: float, window: float = 3.0) -> None:
+    """Wait (up to max_wait s) until other processes use < QUIET_LOAD core over `window` s."""
+    deadline = time.monotonic() + max_wait
+    while time.monotonic() < deadline:
+        before = busy_cpu_seconds()
+        time.sleep(window)
+        if (busy_cpu_seconds() - before) / window < QUIET_LOAD:
+            return
+
+
+def measured(name: str, piece: tuple, attempts: int, max_wait: float) -> dict:
+    """The least contended of up to `attempts` runs of a piece, each started on a quiet machine
+    (a contended run is retried, and flagged in the report if it stays so)."""
+    fn, *args = piece
+    best = None
+    for attempt in range(1, attempts + 1):
+        wait_for_quiet(max_wait)
+        result = isolated(fn, *args)
+        print(f"[bench] {name} (try {attempt}): {result['seconds']:.1f} s, "
+              f"other processes {result['other_load']:.2f} core", flush=True)
+        if best is None or result["other_load"] < best["other_load"]:
+            best = result
+        if best["other_load"] < QUIET_LOAD:
+            break
+    return best
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+def prepare_data(paths: Paths, setup: Setup) -> None:
+    """Synthetic raw images (4N train, for the scaling run), their 256 px copies and the vocab."""
+    params = DataParams(num_train=4 * setup.n_train, num_val=20, num_test=setup.n_test, workers=2)
+    write_synthetic(paths.raw, params, seed=setup.seed)
+    for split in SPLITS:
+        records = read_split(paths.raw, split).images
+        resize_all([(images_dir(paths.raw, split) / r["file_name"], images_dir(paths.images, split) / r["file_name"])
+                    for r in records], RESIZE_SIDE, JPEG_QUALITY, workers=0, desc=f"resize {split}")
+    train = read_split(paths.raw, "train")
+    Vocabulary.build((c for caps in train.captions.values() for c in caps), threshold=1).save(paths.vocab)
+
+
+def train_subset(paths: Paths, n: int) -> Split:
+    """The first n train images (resized copies), with their captions."""
+    split = read_split(paths.raw, "train", images_root=paths.images)
+    images = split.images[:n]
+    return Split(images, {r["id"]: split.captions[r["id"]] for r in images}, split.images_dir)
+
+
+# ---- 1a. the seed's train loop, re-implemented -----------------------------------------------
+
+
+class SeedStyleDataset(Dataset):
+    """One item per (image, caption) pair; decodes and tokenizes on every access, as the seed did."""
+
+    def __init__(self, split: Split, vocab: Vocabulary, transform: TrainTransform):
+        self.pairs = [(split.image_path(r), c) for r in split.images for c in split.captions[r["id"]]]
+        self.vocab, self.transform = vocab, transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        path, caption = self.pairs[index]
+        image = Image.open(path).convert("RGB")
+        # The shared transform takes its randomness from an rng; the seed drew from the global one.
+        image = self.transform(image, random.Random(index))
+        tokens = tokenize(caption)
+        ids = [self.vocab.start_id, *(self.vocab.index.get(t, self.vocab.unk_id) for t in tokens),
+               self.vocab.end_id]
+        return image, torch.tensor(ids)
+
+
+def seed_collate(batch):
+    """The seed's collate_fn: sort by caption length (longest first), stack images, pad captions."""
+    batch.sort(key=lambda item: len(item[1]), reverse=True)
+    images, captions = zip(*batch)
+    lengths = [len(c) for c in captions]
+    padded = torch.zeros(len(captions), max(lengths), dtype=torch.long)
+    for i, caption in enumerate(captions):
+        padded[i, : lengths[i]] = caption
+    return torch.stack(images), padded, lengths
+
+
+def new_model(setup: Setup, vocab: Vocabulary, image_size: int) -> Captioner:
+    # The same torch seed on both sides: identical initial weights.
+    torch.manual_seed(setup.seed)
+    model = Captioner.build(setup.model_params(image_size), len(vocab))
+    with torch.no_grad():  # first-call costs (oneDNN kernel choice) out of the timed epoch
+        model.eval().encoder(torch.zeros(2, 3, image_size, image_size))
+    return model
+
+
+def run_seed_style(paths: Paths, setup: Setup) -> dict:
+    vocab = Vocabulary.load(paths.vocab)
+    split = train_subset(paths, setup.n_train)
+    model = new_model(setup, vocab, setup.image_size)
+    transform = TrainTransform(setup.image_size, random_crop=True, hflip=False)
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=setup.lr)
+    criterion = nn.CrossEntropyLoss()
+    watch = Stopwatch()
+    loader = DataLoader(SeedStyleDataset(split, vocab, transform), batch_size=setup.batch_captions,
+                        shuffle=True, collate_fn=seed_collate, num_workers=setup.num_workers)
+    model.train()  # the frozen backbone stays in eval mode (Encoder.train)
+    losses = []
+    for images, captions, lengths in loader:
+        targets = pack_padded_sequence(captions, lengths, batch_first=True).data
+        with torch.no_grad():
+            pooled = model.encoder.pooled(images)  # once per caption: the seed's cost
+        features = model.encoder.head(pooled)
+        loss = criterion(model.decoder(features, captions, torch.tensor(lengths)), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return {**watch.stop(), "steps": len(losses), "images": len(split.images),
+            "captions": len(loader.dataset), "final_loss": sum(losses[-LAST_STEPS:]) / len(losses[-LAST_STEPS:])}
+
+
+# ---- 1b / 5. ours: captioning.training.fit ----------------------------------------------------
+
+
+class StepClock:
+    """fit's callbacks: the time and loss of every step (the epoch ends at the last step, before
+    fit's validation, which the seed's loop did not have)."""
+
+    def __init__(self):
+        self.times, self.losses = [], []
+
+    def on_step(self, row: dict) -> None:
+        self.times.append(time.perf_counter())
+        self.losses.append(row["loss"])
+
+    def on_epoch(self, row: dict) -> None:
+        pass
+
+
+def run_ours(paths: Paths, setup: Setup, n_train: int, image_size: int, captions_per_image: int = 0,
+             save_model: bool = False) -> dict:
+    vocab = Vocabulary.load(paths.vocab)
+    split = train_subset(paths, n_train)
+    val = read_split(paths.raw, "val", images_root=paths.images)
+    model = new_model(setup, vocab, image_size)
+    clock = StepClock()
+    watch = Stopwatch()  # includes fit's up-front caption tokenization
+    result = fit(model, vocab, split, val, setup.model_params(image_size), setup.train_params(captions_per_image),
+                 setup.seed, torch.device("cpu"), clock)
+    if save_model:
+        torch.save({"config": model.config, "state": result.best_state}, paths.model)
+    last = clock.losses[-LAST_STEPS:]
+    return {**watch.stop(end=clock.times[-1]), "steps": len(clock.losses), "images": len(split.images),
+            "captions": sum(len(c) for c in split.captions.values()), "final_loss": sum(last) / len(last)}
+
+
+# ---- 2. resize --------------------------------------------------------------------------------
+
+
+def resize_pairs(paths: Paths, setup: Setup, out: str) -> list[tuple[Path, Path]]:
+    names = [r["file_name"] for r in read_split(paths.raw, "train").images[: setup.n_train]]
+    folder = paths.root / out
+    folder.mkdir(exist_ok=True)
+    return [(images_dir(paths.raw, "train") / name, folder / name) for name in names]
+
+
+def library_resize(pairs: list[tuple[Path, Path]]) -> dict:
+    resize_all(pairs, RESIZE_SIDE, JPEG_QUALITY, workers=0, desc="resize_all")  # 0: a process per core
+    return {"images": len(pairs)}
+
+
+def run_resize_ours(paths: Paths, setup: Setup) -> dict:
+    pairs = resize_pairs(paths, setup, "resize-ours")
+    return best_of(setup.repeats, lambda: library_resize(pairs))
+
+
+def pillow_loop(pairs: list[tuple[Path, Path]]) -> dict:
+    """The plain way: one process, no JPEG draft, Pillow's default reducing."""
+    for src, dst in pairs:
+        with Image.open(src) as image:
+            image.convert("RGB").resize((RESIZE_SIDE, RESIZE_SIDE), Image.Resampling.LANCZOS).save(
+                dst, format="JPEG", quality=JPEG_QUALITY)
+    return {"images": len(pairs)}
+
+
+def run_resize_single(paths: Paths, setup: Setup) -> dict:
+    pairs = resize_pairs(paths, setup, "resize-single")
+    return best_of(setup.repeats, lambda: pillow_loop(pairs))
+
+
+# ---- 3. evaluation ----------------------------------------------------------------------------
+
+
+def run_caption(paths: Paths, setup: Setup, batch_size: int) -> dict:
+    vocab = Vocabulary.load(paths.vocab)
+    saved = torch.load(paths.model, map_location="cpu", weights_only=True)
+    model = Captioner(saved["config"])
+    model.load_state_dict(saved["state"])
+    test = read_split(paths.raw, "test", images_root=paths.images)
+    image_paths = [test.image_path(r) for r in test.images]
+    cpu = torch.device("cpu")
+    caption_images(model, vocab, image_paths[:2], cpu, batch_size=2, progress=False)  # warm-up
+    return best_of(setup.repeats, lambda: {
+        "images": len(image_paths),
+        "captions": caption_images(model, vocab, image_paths, cpu, batch_size=batch_size, progress=False)})
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> str:
+    return (f"{len(os.sched_getaffinity(0))} CPUs usable ({os.cpu_count()} online), {cpu_model()}; "
+            f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), Pillow {PIL.__version__}, "
+            f"Python {platform.python_version()}; {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+
+
+def contention(results: dict) -> str:
+    loads = ", ".join(f"{name} {r['other_load']:.2f}" for name, r in results.items())
+    contended = [name for name, r in results.items() if r["other_load"] >= QUIET_LOAD]
+    note = f" CONTENDED (figures unreliable): {', '.join(contended)}." if contended else " All quiet."
+    return f"Cores used by other processes during each piece: {loads}.{note}\n"
+
+
+def verdict(ratio: float, target: float) -> str:
+    return f">= {target:g}x: {'met' if ratio >= target else 'NOT met'}"
+
+
+def table(setup: Setup, r: dict) -> str:
+    seed, ours, ours1 = r["seed_style"], r["ours"], r["ours_cpi1"]
+    n, n4 = r["scale_n"], r["scale_4n"]
+    epoch_ratio = seed["seconds"] / ours["seconds"]
+    resize_ratio = r["resize_ours"]["images"] / r["resize_ours"]["seconds"] / (
+        r["resize_single"]["images"] / r["resize_single"]["seconds"])
+    eval_ratio = r["eval_single"]["seconds"] / r["eval_batched"]["seconds"]
+    same = sum(a == b for a, b in zip(r["eval_single"]["captions"], r["eval_batched"]["captions"]))
+    per_image_n, per_image_4n = n["seconds"] / n["images"], n4["seconds"] / n4["images"]
+    size = f"{setup.image_size} px"
+    rows = [
+        ("Measure", "A: baseline", "B: ours", "A/B", "Target"),
+        (f"Train epoch, s ({seed['images']} images, {seed['captions']} captions, frozen resnet18, {size}); "
+         "A seed-style loop, B `fit`", f"{seed['seconds']:.1f}", f"{ours['seconds']:.1f}", f"{epoch_ratio:.2f}x",
+         verdict(epoch_ratio, 5)),
+        ("Train throughput, images/s", f"{seed['images'] / seed['seconds']:.1f}",
+         f"{ours['images'] / ours['seconds']:.1f}", f"{epoch_ratio:.2f}x", ""),
+        ("Train steps per epoch (captions per step: 128 vs ~130)", str(seed["steps"]), str(ours["steps"]), "", ""),
+        (f"Final train loss (mean of last {LAST_STEPS} steps)", f"{seed['final_loss']:.3f}",
+         f"{ours['final_loss']:.3f}", "", "comparable"),
+        ("Train epoch peak RSS, MiB: main process (DataLoader worker)",
+         f"{seed['rss_mib']:.0f} ({seed['workers_rss_mib']:.0f})",
+         f"{ours['rss_mib']:.0f} ({ours['workers_rss_mib']:.0f})", "", ""),
+        ("Extra: B with `captions_per_image: 1` (params.yaml), s/epoch; 1/5 of the captions per epoch, "
+         f"loss {ours1['final_loss']:.3f} after {ours1['steps']} steps",
+         f"{seed['seconds']:.1f}", f"{ours1['seconds']:.1f}", f"{seed['seconds'] / ours1['seconds']:.2f}x",
+         "not like for like"),
+        (f"Resize to {RESIZE_SIDE} px, img/s ({r['resize_ours']['images']} raw images); "
+         "A single-process Pillow loop, B `resize_all(workers=0)`",
+         f"{r['resize_single']['images'] / r['resize_single']['seconds']:.1f}",
+         f"{r['resize_ours']['images'] / r['resize_ours']['seconds']:.1f}", f"{resize_ratio:.2f}x",
+         verdict(resize_ratio, 1.7)),
+        (f"Greedy captioning, captions/s ({r['eval_batched']['images']} test images, {size}); "
+         f"A batch 1, B batch {setup.eval_batch} (`caption_images`)",
+         f"{r['eval_single']['images'] / r['eval_single']['seconds']:.1f}",
+         f"{r['eval_batched']['images'] / r['eval_batched']['seconds']:.1f}", f"{eval_ratio:.2f}x",
+         verdict(eval_ratio, 10)),
+        ("Captioning: identical captions, A vs B", "", f"{same}/{len(r['eval_batched']['captions'])}", "", "all"),
+        ("Captioning peak RSS, MiB: main process", f"{r['eval_single']['rss_mib']:.0f}",
+         f"{r['eval_batched']['rss_mib']:.0f}", "", ""),
+        (f"Scaling of B, s per image ({setup.scale_image_size} px): A at N={n['images']}, B at 4N={n4['images']} "
+         f"({n['seconds']:.1f} s vs {n4['seconds']:.1f} s per epoch)",
+         f"{per_image_n * 1000:.2f} ms", f"{per_image_4n * 1000:.2f} ms", f"{per_image_n / per_image_4n:.2f}x",
+         "~1x (linear)"),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def measure(paths: Paths, setup: Setup, attempts: int, max_wait: float) -> dict:
+    """Every piece, each in its own process, in a fixed order."""
+    pieces = {
+        "seed_style": (run_seed_style, paths, setup),
+        "ours": (run_ours, paths, setup, setup.n_train, setup.image_size, 0, True),  # saves the eval model
+        "ours_cpi1": (run_ours, paths, setup, setup.n_train, setup.image_size, 1),
+        "resize_single": (run_resize_single, paths, setup),
+        "resize_ours": (run_resize_ours, paths, setup),
+        "eval_single": (run_caption, paths, setup, 1),
+        "eval_batched": (run_caption, paths, setup, setup.eval_batch),
+        "scale_n": (run_ours, paths, setup, setup.n_train, setup.scale_image_size),
+        "scale_4n": (run_ours, paths, setup, 4 * setup.n_train, setup.scale_image_size),
+    }
+    return {name: measured(name, piece, attempts, max_wait) for name, piece in pieces.items()}
+
+
+def warm_file_cache(paths: Paths, n: int) -> None:
+    # Both resize runs then read the raw JPEGs from the page cache: neither pays the first read.
+    for record in read_split(paths.raw, "train").images[:n]:
+        (images_dir(paths.raw, "train") / record["file_name"]).read_bytes()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-train", type=int, default=Setup.n_train, help="N: train images of the epoch runs")
+    parser.add_argument("--image-size", type=int, default=Setup.image_size)
+    parser.add_argument("--num-workers", type=int, default=Setup.num_workers, help="DataLoader workers, both loops")
+    parser.add_argument("--attempts", type=int, default=2, help="runs of a piece while other processes use the CPU")
+    parser.add_argument("--max-wait", type=float, default=60, help="seconds to wait for a quiet machine per run")
+    args = parser.parse_args(argv)
+    setup = dataclasses.replace(Setup(), n_train=args.n_train, image_size=args.image_size,
+                                num_workers=args.num_workers)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="caption-bench-") as tmp:
+        paths = Paths(Path(tmp))
+        prepare_data(paths, setup)
+        print(f"[bench] data ready in {time.perf_counter() - started:.0f} s: {setup}", flush=True)
+        warm_file_cache(paths, setup.n_train)
+        results = measure(paths, setup, args.attempts, args.max_wait)
+    print(f"\n[bench] total {time.perf_counter() - started:.0f} s\n")
+    print(f"Machine: {machine()}\n")
+    print(contention(results))
+    print(table(setup, results))
+
+
+if __name__ == "__main__":
+    main()
