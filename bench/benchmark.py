@@ -1,6 +1,6 @@
 """Side-by-side benchmark of the seed's ways and ours, in one run, on the same data and model.
 
-    python bench/benchmark.py            # ~5 min on 2 CPU cores; prints a markdown table last
+    python bench/benchmark.py            # ~3 min on 2 idle CPU cores; prints a markdown table last
 
 Measured (each piece in its own freshly spawned process, so one piece's caches, threads and
 memory never flatter or burden the next, and its peak RSS is its own):
@@ -396,6 +396,12 @@ def run_caption(paths: Paths, setup: Setup, batch_size: int) -> dict:
         "captions": caption_images(model, vocab, image_paths, cpu, batch_size=batch_size, progress=False)})
 
 
+def run_imports_only(paths: Paths, setup: Setup) -> dict:
+    """Nothing: the RSS of a process that has only imported torch, torchvision and captioning,
+    which every other piece's peak includes."""
+    return {"seconds": 0.0, "other_load": 0.0}
+
+
 # ---- report -----------------------------------------------------------------------------------
 
 
@@ -466,6 +472,8 @@ def table(setup: Setup, r: dict) -> str:
         ("Captioning: identical captions, A vs B", "", f"{same}/{len(r['eval_batched']['captions'])}", "", "all"),
         ("Captioning peak RSS, MiB: main process", f"{r['eval_single']['rss_mib']:.0f}",
          f"{r['eval_batched']['rss_mib']:.0f}", "", ""),
+        ("Peak RSS, MiB, of a process that only imports torch, torchvision, captioning (in every RSS above)",
+         "", f"{r['imports_only']['rss_mib']:.0f}", "", ""),
         (f"Scaling of B, s per image ({setup.scale_image_size} px): A at N={n['images']}, B at 4N={n4['images']} "
          f"({n['seconds']:.1f} s vs {n4['seconds']:.1f} s per epoch)",
          f"{per_image_n * 1000:.2f} ms", f"{per_image_4n * 1000:.2f} ms", f"{per_image_n / per_image_4n:.2f}x",
@@ -480,6 +488,7 @@ def table(setup: Setup, r: dict) -> str:
 def measure(paths: Paths, setup: Setup, attempts: int, max_wait: float) -> dict:
     """Every piece, each in its own process, in a fixed order."""
     pieces = {
+        "imports_only": (run_imports_only, paths, setup),
         "seed_style": (run_seed_style, paths, setup),
         "ours": (run_ours, paths, setup, setup.n_train, setup.image_size, 0, True),  # saves the eval model
         "ours_cpi1": (run_ours, paths, setup, setup.n_train, setup.image_size, 1),
