@@ -103,8 +103,7 @@ class PretrainParams:
     def check(self) -> None:
         _at_least("pretrain.epochs", self.epochs, 0)
         _at_least("pretrain.batch_size", self.batch_size, 1)
-        if not self.lr > 0:
-            raise ParamsError(f"pretrain.lr must be > 0, got {self.lr!r}")
+        _positive("pretrain.lr", self.lr)
         _at_least("pretrain.max_concepts", self.max_concepts, 1)
         _at_least("pretrain.min_images", self.min_images, 1)
 
@@ -131,8 +130,7 @@ class TrainParams:
         _at_least("train.patience", self.patience, 0)
         _at_least("train.batch_size", self.batch_size, 1)
         _at_least("train.captions_per_image", self.captions_per_image, 0)
-        if not self.lr > 0:
-            raise ParamsError(f"train.lr must be > 0, got {self.lr!r}")
+        _positive("train.lr", self.lr)
         _at_least("train.log_every", self.log_every, 1)
         _at_least("train.checkpoint_every", self.checkpoint_every, 1)
         _at_least("train.num_workers", self.num_workers, 0)
@@ -240,6 +238,11 @@ def _one_of(key: str, value, allowed) -> None:
 def _at_least(key: str, value, low) -> None:
     if value < low:
         raise ParamsError(f"{key} must be >= {low}, got {value!r}")
+
+
+def _positive(key: str, value) -> None:
+    if not value > 0:  # also rejects NaN
+        raise ParamsError(f"{key} must be > 0, got {value!r}")
 
 
 def _between(key: str, value, low, high) -> None:
