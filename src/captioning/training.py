@@ -17,12 +17,13 @@ from pathlib import Path
 from statistics import median
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.data import DataLoader
 
-from captioning.data import CaptionDataset, EpochBatchSampler, collate_captions
+from captioning.data import CaptionDataset, EpochBatchSampler, FeatureDataset, collate_captions
 from captioning.datasets import Split
 from captioning.images import EvalTransform, TrainTransform
 from captioning.io import atomic_path
@@ -68,12 +69,25 @@ def images_per_batch(split: Split, captions_per_batch: int, captions_per_image: 
 
 def fit(model: Captioner, vocab: Vocabulary, train_split: Split, val_split: Split,
         model_params: ModelParams, params: TrainParams, seed: int, device: torch.device,
-        callbacks: Callbacks, resume_path: Path | None = None) -> FitResult:
+        callbacks: Callbacks, resume_path: Path | None = None,
+        features: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
+    """Train `model`; from images, or from cached (train, val) backbone features when given
+    (the backbone must then be frozen: its output is what was cached)."""
     model.to(device)
-    dataset = CaptionDataset(train_split, vocab, TrainTransform(
-        model_params.image_size, random_crop=params.random_crop, hflip=params.hflip),
-        captions_per_image=params.captions_per_image)
-    val_dataset = CaptionDataset(val_split, vocab, EvalTransform(model_params.image_size))
+    if features is not None:
+        if model.encoder.train_backbone:
+            raise ValueError("cached features need a frozen backbone (model.train_backbone: false)")
+        dataset = FeatureDataset(train_split, vocab, features[0], params.captions_per_image)
+        val_dataset = FeatureDataset(val_split, vocab, features[1])
+        encode = model.encoder.head  # the inputs are the pooled backbone output
+    else:
+        dataset = CaptionDataset(train_split, vocab, TrainTransform(
+            model_params.image_size, random_crop=params.random_crop, hflip=params.hflip),
+            captions_per_image=params.captions_per_image)
+        val_dataset = CaptionDataset(val_split, vocab, EvalTransform(model_params.image_size))
+        encode = model.encoder
+    # Cached features are in memory already: worker processes would only add start-up and copies.
+    workers = 0 if features is not None else params.num_workers
     batch_images = images_per_batch(train_split, params.batch_size, params.captions_per_image)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=params.lr)
     criterion = nn.CrossEntropyLoss()
@@ -101,14 +115,15 @@ def fit(model: Captioner, vocab: Vocabulary, train_split: Split, val_split: Spli
         epoch = state["epoch"]
         sampler = EpochBatchSampler(len(dataset), batch_images, seed, epoch, start=state["batch"])
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_captions,
-                            num_workers=params.num_workers, pin_memory=device.type == "cuda")
+                            num_workers=workers, pin_memory=device.type == "cuda")
         total = state["batch"] + len(sampler)
         model.train()
-        for images, captions, lengths, image_index in loader:
-            images = images.to(device, non_blocking=True)
+        for inputs, captions, lengths, image_index in loader:
+            inputs = inputs.to(device, non_blocking=True)
             captions = captions.to(device, non_blocking=True)
             targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-            logits = model(images, captions, lengths, image_index.to(device))
+            # One encoder pass per image, however many of its captions are in the batch.
+            logits = model.decoder(encode(inputs)[image_index.to(device)], captions, lengths)
             loss = criterion(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -123,7 +138,8 @@ def fit(model: Captioner, vocab: Vocabulary, train_split: Split, val_split: Spli
             if state["step"] % params.checkpoint_every == 0:
                 state["seconds"] = time.perf_counter() - started
                 save_resume()
-        row = {"epoch": epoch + 1, "train_loss": float(last_loss), **validate(model, val_dataset, val_split, vocab, device, criterion)}
+        row = {"epoch": epoch + 1, "train_loss": float(last_loss),
+               **validate(model, val_dataset, val_split, vocab, device, criterion, encode)}
         state["history"].append(row)
         score = row[params.select_metric]
         improved = state["best"] is None or (
@@ -147,15 +163,19 @@ def fit(model: Captioner, vocab: Vocabulary, train_split: Split, val_split: Spli
 
 @torch.no_grad()
 def validate(model: Captioner, dataset: CaptionDataset, split: Split, vocab: Vocabulary,
-             device: torch.device, criterion: nn.Module, batch_images: int = 64) -> dict:
-    """Teacher-forced loss and scores of greedy captions on the val split."""
+             device: torch.device, criterion: nn.Module, encode=None, batch_images: int = 64) -> dict:
+    """Teacher-forced loss and scores of greedy captions on the val split.
+
+    `encode` maps the dataset's inputs to embeddings: the whole encoder for images (the
+    default), the encoder head for cached features."""
+    encode = encode or model.encoder
     model.eval()
     sampler = [[(i, 0) for i in range(k, min(k + batch_images, len(dataset)))]
                for k in range(0, len(dataset), batch_images)]
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_captions)
     loss_sum, tokens, hypotheses = 0.0, 0, {}
-    for batch, (images, captions, lengths, image_index) in zip(sampler, loader):
-        features = model.encoder(images.to(device))  # (B, E)
+    for batch, (inputs, captions, lengths, image_index) in zip(sampler, loader):
+        features = encode(inputs.to(device))  # (B, E)
         captions = captions.to(device)
         logits = model.decoder(features[image_index.to(device)], captions, lengths)
         targets = pack_padded_sequence(captions, lengths, batch_first=True).data
