@@ -63,31 +63,31 @@ def fetch(archive: Archive, folder: str | Path, *, base_url: str = "", retries: 
     if final.is_file() and final.stat().st_size == archive.size:
         return final  # only ever renamed into place after verification
     url = f"{base_url.rstrip('/')}/{archive.name}" if base_url else archive.url
-    hasher = archive.hasher()
-    offset = part.stat().st_size if part.is_file() else 0
-    if offset > archive.size:
-        part.unlink()
-        offset = 0
-    if offset:
-        _hash_prefix(part, hasher)  # hash while streaming: no second pass over 13 GB at the end
+    state = _State(archive)
+    if part.is_file() and part.stat().st_size <= archive.size:
+        state.offset = part.stat().st_size
+        _hash_prefix(part, state.hasher)  # hash while streaming: no second pass over 13 GB at the end
     attempt = 0
-    with tqdm(total=archive.size, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+    with tqdm(total=archive.size, initial=state.offset, unit="B", unit_scale=True, unit_divisor=1024,
               desc=f"download {archive.name}") as bar:
-        while offset < archive.size:
+        while state.offset < archive.size:
+            before = state.offset
             try:
-                offset, hasher = _transfer(url, part, offset, archive, hasher, bar, timeout)
-                attempt = 0  # progress was made; a later cut gets a fresh set of retries
+                _transfer(url, part, state, bar, timeout)
             except _Transient as err:
+                if state.offset > before:
+                    attempt = 0  # progress was made: a later cut gets a fresh set of retries
                 attempt += 1
                 if attempt > retries:
-                    raise DownloadError(f"{url}: giving up after {retries} retries ({err}); "
-                                        f"{offset} of {archive.size} bytes kept in {part}, run again to resume") from None
+                    raise DownloadError(f"{url}: giving up after {retries} retries ({err}); {state.offset} "
+                                        f"of {archive.size} bytes kept in {part}, run again to resume") from None
                 wait = min(backoff * 2 ** (attempt - 1), 60.0)
-                tqdm.write(f"download {archive.name}: {err}; retry {attempt}/{retries} in {wait:.0f}s from byte {offset}")
+                tqdm.write(f"download {archive.name}: {err}; retry {attempt}/{retries} in {wait:.0f}s "
+                           f"from byte {state.offset}")
                 time.sleep(wait)
-    if hasher.hexdigest() != archive.digest:
+    if state.hasher.hexdigest() != archive.digest:
         part.unlink()
-        raise DownloadError(f"{url}: checksum mismatch ({archive.checksum.split(':')[0]} {hasher.hexdigest()}, "
+        raise DownloadError(f"{url}: checksum mismatch ({archive.checksum.split(':')[0]} {state.hasher.hexdigest()}, "
                             f"expected {archive.digest}); the corrupt file was deleted, run again to re-download")
     os.replace(part, final)
     return final
@@ -97,54 +97,68 @@ class _Transient(Exception):
     """A failure another try may fix: kept bytes stay, the transfer resumes from them."""
 
 
-def _transfer(url: str, part: Path, offset: int, archive: Archive, hasher, bar, timeout: float):
-    """One request from `offset`; returns the new (offset, hasher). Raises _Transient to retry."""
+class _State:
+    """Bytes in the `.part` file and their running hash; kept exact when a transfer breaks."""
+
+    def __init__(self, archive: Archive):
+        self.archive, self.offset, self.hasher = archive, 0, archive.hasher()
+
+    def restart(self) -> None:
+        self.offset, self.hasher = 0, self.archive.hasher()
+
+
+def _transfer(url: str, part: Path, state: _State, bar, timeout: float) -> None:
+    """One request from `state.offset`, appending to `part`. Raises _Transient to retry."""
+    archive = state.archive
     request = urllib.request.Request(url, headers={"User-Agent": "captioning-download/1"})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
+    if state.offset:
+        request.add_header("Range", f"bytes={state.offset}-")
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as err:
-        if err.code == 416 and offset:  # our offset is past what the server has: start over
-            part.unlink()
+        if err.code == 416 and state.offset:  # our offset is past what the server has: start over
+            state.restart()
             bar.reset(total=archive.size)
-            return 0, archive.hasher()
+            raise _Transient("HTTP 416, restarting from byte 0") from None
         if err.code in TRANSIENT_STATUS:
             raise _Transient(f"HTTP {err.code}") from None
         raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         raise _Transient(str(getattr(err, "reason", err))) from None
     with response:
-        if offset and response.status == 200:
+        if state.offset and response.status == 200:
             # The server ignored Range and sends the whole file: start the file again.
-            offset, hasher = 0, archive.hasher()
+            state.restart()
             bar.reset(total=archive.size)
-        elif offset and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+        elif state.offset and not response.headers.get("Content-Range", "").startswith(f"bytes {state.offset}-"):
             raise _Transient(f"unexpected Content-Range {response.headers.get('Content-Range')!r}")
         length = response.headers.get("Content-Length")
-        if length is not None and offset + int(length) != archive.size:
-            raise DownloadError(f"{url}: server reports {offset + int(length)} bytes, the table says "
+        if length is not None and state.offset + int(length) != archive.size:
+            raise DownloadError(f"{url}: server reports {state.offset + int(length)} bytes, the table says "
                                 f"{archive.size}; wrong file or an outdated table")
-        with open(part, "r+b" if offset else "wb") as out:
-            out.seek(offset)
+        with open(part, "r+b" if state.offset else "wb") as out:
+            out.seek(state.offset)
             out.truncate()
             try:
-                while chunk := response.read(CHUNK):
-                    out.write(chunk)
-                    hasher.update(chunk)
-                    offset += len(chunk)
+                while True:
+                    try:
+                        chunk = response.read(CHUNK)
+                    except (OSError, http.client.HTTPException) as err:
+                        raise _Transient(f"connection lost at byte {state.offset} ({err})") from None
+                    if not chunk:
+                        break
+                    out.write(chunk)  # a failing disk is not transient: its OSError propagates
+                    state.hasher.update(chunk)
+                    state.offset += len(chunk)
                     bar.update(len(chunk))
-            except (OSError, http.client.HTTPException) as err:
-                raise _Transient(f"connection lost at byte {offset} ({err})") from None
             finally:
                 out.flush()
                 os.fsync(out.fileno())
-    if offset < archive.size:
-        raise _Transient(f"connection closed at byte {offset} of {archive.size}")
-    if offset > archive.size:
+    if state.offset < archive.size:
+        raise _Transient(f"connection closed at byte {state.offset} of {archive.size}")
+    if state.offset > archive.size:
         part.unlink()
         raise DownloadError(f"{url}: got more than the {archive.size} bytes the table gives; deleted")
-    return offset, hasher
 
 
 def _hash_prefix(path: Path, hasher) -> None:
