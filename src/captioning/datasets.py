@@ -68,12 +68,13 @@ def load_json(path: str | Path, missing: str = "") -> object:
         raise DatasetError(f"{path}: not valid JSON ({err})") from None
 
 
-def parse_coco(coco, path: str | Path) -> tuple[list[dict], dict[int, list[str]], int]:
+def parse_coco(coco, path: str | Path, keep_empty: bool = False) -> tuple[list[dict], dict[int, list[str]], int]:
     """Check a COCO captions document; return (image records, image id -> captions, empty captions).
 
     Every record problem is a DatasetError naming `path` and the record. Empty or punctuation-only
     captions teach nothing: they are skipped and counted. Images without a caption are kept
     (with an empty list); the stages that need captions leave them out and count them.
+    `keep_empty` keeps empty captions: the download stage passes them on for resize to count.
     """
     if not isinstance(coco, dict):
         raise DatasetError(f"{path}: expected a COCO captions object, got {type(coco).__name__}")
@@ -100,7 +101,8 @@ def parse_coco(coco, path: str | Path) -> tuple[list[dict], dict[int, list[str]]
             raise DatasetError(f"{path}: annotations[{n}] caption must be a string, got {ann['caption']!r:.100}")
         if not tokenize(ann["caption"]):
             empty += 1  # an empty or punctuation-only caption teaches nothing: skipped, counted
-            continue
+            if not keep_empty:
+                continue
         captions[ann["image_id"]].append(ann["caption"])
     return coco["images"], captions, empty
 

@@ -56,6 +56,8 @@ class BadImageError(ValueError):
     """An image file that cannot be used; the message names the file, `reason` says why."""
 
     def __init__(self, path, reason: str):
+        # The real path: the pipeline reads images through links, the user knows the file.
+        path = os.path.realpath(path)
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = str(path), reason
 

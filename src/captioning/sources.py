@@ -200,7 +200,7 @@ def _coco(params: DataParams, fetcher: _Fetcher) -> Dataset:
     for image_zip in image_zips:
         stem = image_zip.removesuffix(".zip")  # train2014, val2014, ...
         path = ann_root / "annotations" / f"captions_{stem}.json"
-        images, captions, _ = parse_coco(load_json(path), path)
+        images, captions, _ = parse_coco(load_json(path), path, keep_empty=True)
         for record in images:
             official[record["id"]] = ({**record, "file_name": f"{stem}/{record['file_name']}"}, captions[record["id"]])
     karpathy_path, doc = _karpathy(params, fetcher)
@@ -241,7 +241,7 @@ def _local(params: DataParams, seed: int) -> Dataset:
     if isinstance(doc, dict) and isinstance(doc.get("images"), list) and "annotations" not in doc:
         splits = _from_karpathy(doc, path)  # Karpathy format: its own split per image
     else:
-        images, captions, _ = parse_coco(doc, path)
+        images, captions, _ = parse_coco(doc, path, keep_empty=True)
         splits = split_by_fraction(images, captions, params.val_fraction, params.test_fraction, seed)
     return Dataset(splits, {"": folder}, {"annotations": _sha256(path)})
 
@@ -258,9 +258,9 @@ def _from_karpathy(doc, path) -> dict[str, tuple[list[dict], dict[int, list[str]
             name = f"{entry['filepath']}/{entry['filename']}" if entry.get("filepath") else entry["filename"]
             images.append({"id": image_id, "file_name": name})
             captions[image_id] = [s["raw"].strip() for s in entry["sentences"]]
-        # Same checks as any COCO file (safe file names, empty captions skipped).
+        # Same checks as any COCO file (safe file names); resize counts empty captions.
         doc_split = coco_captions(images, captions, "")
-        images, captions, _ = parse_coco(doc_split, path)
+        images, captions, _ = parse_coco(doc_split, path, keep_empty=True)
         splits[split] = (images, captions)
     return splits
 
