@@ -365,3 +365,31 @@ def test_seed_preset_parses_into_the_seeds_configuration(tmp_path):
     bad.write_text("data:\n  on_bad_image: ignore\n")
     with pytest.raises(ParamsError, match="data.on_bad_image must be one of error, skip"):
         load_preset(bad, REPO / "params.yaml")
+
+
+@pytest.mark.slow
+def test_dvc_repro_coco2014_from_the_loopback_server(server, tmp_path):
+    """The real `dvc repro` of download, resize and vocab with data.source coco2014 in a clone."""
+    from test_pipeline import _run, make_clone
+
+    checksums = tmp_path / "checksums.json"
+    checksums.write_text(json.dumps({n: {"size": a.size, "checksum": a.checksum}
+                                     for n, a in server.table().items() if n in server.files}))
+    clone, env = make_clone(tmp_path, {"data": {"source": "coco2014", "base_url": server.url,
+                                                "checksums": str(checksums)},
+                                       "resize": {"size": 32, "workers": 1}})
+    out = _run(["dvc", "repro", "vocab"], clone, env)
+    for name in ("download", "resize", "vocab"):
+        assert f"Running stage '{name}'" in out
+    assert "download: coco2014 -> data/raw: 6 train, 2 val, 2 test images" in out
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    raw = next(o for o in lock["download"]["outs"] if o["path"] == "data/raw")
+    assert raw["nfiles"] == 4  # three captions files and source.json: DVC never hashes the COCO images
+    resized = next(o for o in lock["resize"]["outs"] if o["path"] == "data/resized")
+    assert resized["nfiles"] == 10 + 3 + 1  # the resized images, their captions, the report
+    assert (clone / "data" / "raw" / "train" / "images" / "train2014" / "COCO_train2014_000000000009.jpg").is_file()
+    served = sum(server.served.values())
+    assert "Running stage" not in _run(["dvc", "repro", "vocab"], clone, env)
+    _run(["dvc", "repro", "-f", "download"], clone, env)  # rebuilt from the cache: nothing fetched
+    assert sum(server.served.values()) == served
+    assert "up to date" in _run(["dvc", "status", "vocab"], clone, env)
