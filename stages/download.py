@@ -1,30 +1,47 @@
-"""download stage: build the train/val/test COCO-format dataset that `data.source` names."""
+"""download stage: build the train/val/test COCO-format dataset that `data.source` names.
+
+`synthetic` is generated; coco2014/coco2017 download the official archives (and Karpathy's split)
+into the download cache; flickr8k/flickr30k/local read the user's folder. See captioning.sources.
+"""
 
 from __future__ import annotations
 
 import argparse
 import time
 
-from captioning import datasets
+from captioning import datasets, sources
+from captioning.download import DownloadError
 from captioning.io import atomic_path
 from captioning.params import load_params
 
 
-def main(params_path: str, out: str) -> None:
+def main(params_path: str, out: str, downloads: str) -> None:
     params = load_params(params_path)
     started = time.perf_counter()
-    if params.data.source != "synthetic":
-        raise SystemExit(f"data.source: {params.data.source!r} is not available yet; use synthetic")
-    with atomic_path(out) as tmp:
-        sizes = datasets.write_synthetic(tmp, params.data, params.seed)
+    if params.data.source == "synthetic":
+        with atomic_path(out) as tmp:
+            sizes = datasets.write_synthetic(tmp, params.data, params.seed)
+        note = ""
+    else:
+        try:
+            dataset = sources.build(params.data, params.seed, downloads)
+        except (datasets.DatasetError, DownloadError) as err:
+            raise SystemExit(f"download: {err}") from None
+        with atomic_path(out) as tmp:
+            sources.write(tmp, dataset)
+        sizes = dataset.manifest["images"]
+        missing = dataset.manifest["missing_images"]
+        note = f"; {missing} listed images are missing (resize will skip and report them)" if missing else ""
     counts = ", ".join(f"{n} {split}" for split, n in sizes.items())
     print(f"download: {params.data.source} -> {out}: {counts} images "
-          f"in {time.perf_counter() - started:.1f}s")
+          f"in {time.perf_counter() - started:.1f}s{note}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", required=True, help="dataset folder to create")
+    parser.add_argument("--downloads", default="data/downloads",
+                        help="download cache (archives and extracted images; not a DVC output)")
     args = parser.parse_args()
-    main(args.params, args.out)
+    main(args.params, args.out, args.downloads)

@@ -1,38 +1,72 @@
-"""resize stage: every split's images to resize.size x resize.size RGB JPEGs, in parallel."""
+"""resize stage: every split's images to resize.size x resize.size RGB JPEGs, in parallel.
+
+This is where every image is decoded, so this is where bad images are met. With
+`data.on_bad_image: error` the first one stops the stage, naming the file; with `skip` it is left
+out and listed with its reason in `<out>/bad_images.json`. Either way the stage writes
+`<out>/<split>/captions.json` holding exactly the images it wrote (and that have a caption), which
+vocab, train and evaluate read: a skipped image can never reach a DataLoader worker.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from collections import Counter
 from pathlib import Path
 
-from captioning.datasets import SPLITS, images_dir, read_split
-from captioning.images import resize_all
-from captioning.io import atomic_path
+from captioning.datasets import SPLITS, captions_path, coco_captions, images_dir, load_json, read_split
+from captioning.images import BadImageError, resize_all
+from captioning.io import atomic_path, write_json_atomic
 from captioning.params import load_params
 
 
 def main(params_path: str, data: str, out: str) -> None:
-    params = load_params(params_path).resize
+    all_params = load_params(params_path)
+    params, policy = all_params.resize, all_params.data.on_bad_image
     started = time.perf_counter()
-    total = 0
+    total, report = 0, {"on_bad_image": policy, "counts": {}, "skipped": {}, "without_caption": {}, "empty_captions": {}}
     with atomic_path(out) as tmp:
         for split in SPLITS:
-            records = read_split(data, split).images
+            raw = read_split(data, split)
+            # Images without a caption teach and score nothing: left out here, and counted.
+            records = [r for r in raw.images if raw.captions[r["id"]]]
             pairs = [(images_dir(data, split) / r["file_name"], images_dir(tmp, split) / r["file_name"])
                      for r in records]
             images_dir(tmp, split).mkdir(parents=True)
-            resize_all(pairs, params.size, params.quality, params.workers, desc=f"resize {split}")
-            total += len(pairs)
+            try:
+                bad = resize_all(pairs, params.size, params.quality, params.workers, desc=f"resize {split}",
+                                 skip_bad=policy == "skip")
+            except BadImageError as err:
+                raise SystemExit(f"resize: {err}\nFix or remove the file, or set data.on_bad_image: skip to "
+                                 f"leave such images out (they are listed in {Path(out) / 'bad_images.json'})") from None
+            kept = [r for i, r in enumerate(records) if i not in bad]
+            info = load_json(captions_path(data, split)).get("info", {})
+            doc = coco_captions(kept, raw.captions, info.get("description", split))
+            captions_path(tmp, split).write_text(json.dumps(doc, separators=(",", ":")))
+            report["skipped"][split] = [{"file_name": records[i]["file_name"], "id": records[i]["id"], "reason": why}
+                                        for i, why in sorted(bad.items())]
+            report["without_caption"][split] = len(raw.images) - len(records)
+            report["empty_captions"][split] = raw.empty_captions
+            total += len(kept)
+        reasons = Counter(entry["reason"].split(" (")[0] for split in SPLITS for entry in report["skipped"][split])
+        report["counts"] = dict(sorted(reasons.items()))
+        write_json_atomic(Path(tmp) / "bad_images.json", report)
     seconds = time.perf_counter() - started
+    skipped = sum(reasons.values())
+    note = f"; skipped {skipped} bad images ({_counts(reasons)}), listed in {Path(out) / 'bad_images.json'}" if skipped else ""
     print(f"resize: {total} images to {params.size}x{params.size} in {seconds:.1f}s "
-          f"({total / seconds:.0f} img/s) -> {Path(out)}")
+          f"({total / seconds:.0f} img/s) -> {Path(out)}{note}")
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in counter.most_common())
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", required=True, help="dataset folder (download's output)")
-    parser.add_argument("--out", required=True, help="folder of resized images to create")
+    parser.add_argument("--out", required=True, help="folder of resized images (and their captions) to create")
     args = parser.parse_args()
     main(args.params, args.data, args.out)

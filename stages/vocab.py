@@ -27,7 +27,7 @@ def main(params_path: str, data: str, out: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", required=True, help="dataset folder (download's output)")
+    parser.add_argument("--data", required=True, help="dataset folder: captions of the images kept (resize's output)")
     parser.add_argument("--out", required=True, help="vocabulary JSON to write")
     args = parser.parse_args()
     main(args.params, args.data, args.out)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -153,3 +157,135 @@ def test_checkpoint_from_another_vocabulary_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="different vocabulary.*first difference at index"):
         load_checkpoint(tmp_path / "c.pt", expect_vocab=other)
     load_checkpoint(tmp_path / "c.pt", expect_vocab=vocab)
+
+
+def _bomb_png(path, side: int = 20000) -> None:
+    """A real, valid 1-bit PNG of side x side pixels (400 Mpx, far over Pillow's limit) in ~50 kB."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    packer, row = zlib.compressobj(9), b"\0" * (1 + side // 8)
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _bad_image_folder(folder):
+    """One image of every awkward kind, and the COCO captions file naming them (and a missing one)."""
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(folder / "good.jpg")
+    (folder / "truncated.jpg").write_bytes((folder / "good.jpg").read_bytes()[:100])
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not a picture")
+    Image.new("RGBA", (40, 30), (255, 0, 0, 0)).save(folder / "alpha.png")  # fully transparent red
+    Image.new("P", (40, 30), 3).save(folder / "palette.png")
+    Image.new("L", (40, 30), 90).save(folder / "grey.png")
+    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(folder / "cmyk.jpg")  # red in CMYK
+    Image.fromarray(np.full((30, 40), 32896, dtype=np.uint16)).save(folder / "grey16.png")  # mid grey
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
+    stored = Image.new("RGB", (60, 40), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 30, 40))  # left half red -> top half once upright
+    stored.save(folder / "exif.jpg", exif=exif, quality=95)
+    _bomb_png(folder / "bomb.png")
+    names = ["good.jpg", "truncated.jpg", "zero.jpg", "text.jpg", "alpha.png", "palette.png", "grey.png",
+             "cmyk.jpg", "grey16.png", "exif.jpg", "bomb.png", "missing.jpg"]
+    images = [{"id": i, "file_name": n} for i, n in enumerate(names)]
+    annotations = [{"id": i, "image_id": i, "caption": f"picture {n}"} for i, n in enumerate(names)]
+    return images, annotations
+
+
+def _stage(name):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _local_params(tmp_path, **data):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"].update(source="local", images_dir=str(tmp_path / "photos"),
+                       annotations=str(tmp_path / "captions.json"), **data)
+    raw["resize"].update(size=32, workers=2)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_bad_images_in_a_local_source_under_both_policies(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    images, annotations = _bad_image_folder(tmp_path / "photos")
+    # Every image in train (the split of a Karpathy-format file), one good image each in val/test.
+    entries = [{"filename": r["file_name"], "imgid": r["id"], "split": "train",
+                "sentences": [{"raw": a["caption"]}]} for r, a in zip(images, annotations)]
+    entries += [{"filename": "good.jpg", "imgid": 100 + n, "split": s, "sentences": [{"raw": "green"}]}
+                for n, s in enumerate(("val", "test"))]
+    (tmp_path / "captions.json").write_text(json.dumps({"images": entries}))
+
+    with pytest.raises(SystemExit, match=r"1 of 14 images are missing \(looked in .*photos\): missing.jpg"):
+        _stage("download").main(_local_params(tmp_path), "raw", "downloads")
+    _stage("download").main(_local_params(tmp_path, on_bad_image="skip"), "raw", "downloads")
+    with pytest.raises(SystemExit, match=r"(?s)photos/\w+\.(jpg|png): .*on_bad_image: skip"):
+        _stage("resize").main(_local_params(tmp_path), "raw", "resized")
+    assert not (tmp_path / "resized").exists()
+
+    _stage("resize").main(_local_params(tmp_path, on_bad_image="skip"), "raw", "resized")
+    report = json.loads((tmp_path / "resized" / "bad_images.json").read_text())
+    reasons = {e["file_name"]: e["reason"] for e in report["skipped"]["train"]}
+    assert reasons["missing.jpg"] == "missing file" and reasons["zero.jpg"] == "empty file"
+    assert reasons["text.jpg"] == "not an image Pillow can read"
+    assert reasons["truncated.jpg"].startswith("truncated or corrupt")
+    assert reasons["bomb.png"].startswith("too large to decode safely")
+    assert report["counts"] == {"empty file": 1, "missing file": 1, "not an image Pillow can read": 1,
+                                "too large to decode safely": 1, "truncated or corrupt": 1}
+    kept = read_split("resized", "train")
+    assert sorted(r["file_name"] for r in kept.images) == sorted(
+        ["good.jpg", "alpha.png", "palette.png", "grey.png", "cmyk.jpg", "grey16.png", "exif.jpg"])
+
+    def pixel(name, xy=(16, 16)):
+        with Image.open(tmp_path / "resized" / "train" / "images" / name) as image:
+            assert image.mode == "RGB" and image.size == (32, 32)
+            return np.asarray(image)[xy[1], xy[0]].astype(int)
+
+    assert (abs(pixel("cmyk.jpg") - (255, 0, 0)) < 12).all()  # not inverted, not garbled
+    assert (abs(pixel("grey16.png") - 128) < 3).all()  # scaled to 8 bits, not clipped to white
+    assert (pixel("alpha.png") > 240).all()  # transparent composites on white, not red
+    assert (abs(pixel("grey.png") - 90) < 3).all()
+    assert (abs(pixel("exif.jpg", (16, 4)) - (255, 0, 0)) < 40).all()  # upright: red on top
+    assert (abs(pixel("exif.jpg", (16, 28)) - (0, 0, 255)) < 40).all()
+
+
+def test_bad_annotations_in_a_local_source(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    for i in range(6):
+        Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(tmp_path / "photos" / f"{i}.jpg")
+    ann = tmp_path / "captions.json"
+    params = _local_params(tmp_path, val_fraction=0.2, test_fraction=0.2)
+
+    def attempt(doc):
+        ann.write_text(doc if isinstance(doc, str) else json.dumps(doc))
+        _stage("download").main(params, "raw", "downloads")
+
+    images = [{"id": i, "file_name": f"{i}.jpg"} for i in range(6)]
+    with pytest.raises(SystemExit, match=r"captions\.json: not valid JSON"):
+        attempt('{"images": [')
+    with pytest.raises(SystemExit, match=r"captions\.json: annotations\[0\] needs 'image_id' and 'caption'"):
+        attempt({"images": images, "annotations": [{"image_id": 0}]})
+    with pytest.raises(SystemExit, match=r"captions\.json: images\[1\] repeats image id 0"):
+        attempt({"images": [images[0], {**images[1], "id": 0}], "annotations": []})
+    with pytest.raises(SystemExit, match=r"images\[0\] file_name '../0.jpg' must be a relative path inside"):
+        attempt({"images": [{"id": 0, "file_name": "../0.jpg"}], "annotations": []})
+    with pytest.raises(SystemExit, match=r"no 'annotations' list|needs 'filename', 'split' and 'sentences'"):
+        attempt({"images": [{"id": 0}]})
+
+    long_caption = "Ein Café, très grand — " + "word " * 400
+    annotations = [{"id": n, "image_id": i, "caption": c} for n, (i, c) in enumerate(
+        [(0, "  "), (0, "a red one"), (1, long_caption), (2, "two"), (3, "three"), (4, "four"), (5, "")])]
+    attempt({"images": images, "annotations": annotations})
+    _stage("resize").main(params, "raw", "resized")
+    report = json.loads((tmp_path / "resized" / "bad_images.json").read_text())
+    assert sum(report["empty_captions"].values()) == 2  # "  " and "": skipped, counted
+    assert sum(report["without_caption"].values()) == 1  # image 5 had only the empty caption
+    kept = {r["id"]: c for s in ("train", "val", "test") for r in read_split("resized", s).images
+            for c in [read_split("resized", s).captions[r["id"]]]}
+    assert 5 not in kept and kept[1] == [long_caption] and kept[0] == ["a red one"]

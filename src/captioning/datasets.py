@@ -53,12 +53,31 @@ def images_dir(root: str | Path, split: str) -> Path:
 def read_split(root: str | Path, split: str, images_root: str | Path | None = None) -> Split:
     """Read `<root>/<split>/captions.json`; images from `images_root/<split>/images` (default root)."""
     path = captions_path(root, split)
+    images, captions, empty = parse_coco(load_json(path, missing="run the download stage first (dvc repro download)"), path)
+    return Split(images, captions, images_dir(images_root or root, split), empty_captions=empty)
+
+
+def load_json(path: str | Path, missing: str = "") -> object:
+    """Parse a JSON file; a missing or malformed one is a DatasetError naming it."""
+    path = Path(path)
     try:
-        coco = json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DatasetError(f"{path}: missing; run the download stage first (dvc repro download)") from None
-    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: missing{'; ' + missing if missing else ''}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: not valid JSON ({err})") from None
+
+
+def parse_coco(coco, path: str | Path, keep_empty: bool = False) -> tuple[list[dict], dict[int, list[str]], int]:
+    """Check a COCO captions document; return (image records, image id -> captions, empty captions).
+
+    Every record problem is a DatasetError naming `path` and the record. Empty or punctuation-only
+    captions teach nothing: they are skipped and counted. Images without a caption are kept
+    (with an empty list); the stages that need captions leave them out and count them.
+    `keep_empty` keeps empty captions: the download stage passes them on for resize to count.
+    """
+    if not isinstance(coco, dict):
+        raise DatasetError(f"{path}: expected a COCO captions object, got {type(coco).__name__}")
     for key in ("images", "annotations"):
         if not isinstance(coco.get(key), list):
             raise DatasetError(f"{path}: no '{key}' list; expected COCO captions format")
@@ -68,6 +87,9 @@ def read_split(root: str | Path, split: str, images_root: str | Path | None = No
             raise DatasetError(f"{path}: images[{n}] needs 'id' and 'file_name', got {image!r:.200}")
         if image["id"] in captions:
             raise DatasetError(f"{path}: images[{n}] repeats image id {image['id']!r}; ids must be unique")
+        if not _safe_relative(image["file_name"]):
+            raise DatasetError(f"{path}: images[{n}] file_name {image['file_name']!r} must be a relative path "
+                               "inside the images folder (no leading '/', no '..')")
         captions[image["id"]] = []
     empty = 0
     for n, ann in enumerate(coco["annotations"]):
@@ -79,9 +101,17 @@ def read_split(root: str | Path, split: str, images_root: str | Path | None = No
             raise DatasetError(f"{path}: annotations[{n}] caption must be a string, got {ann['caption']!r:.100}")
         if not tokenize(ann["caption"]):
             empty += 1  # an empty or punctuation-only caption teaches nothing: skipped, counted
-            continue
+            if not keep_empty:
+                continue
         captions[ann["image_id"]].append(ann["caption"])
-    return Split(coco["images"], captions, images_dir(images_root or root, split), empty_captions=empty)
+    return coco["images"], captions, empty
+
+
+def _safe_relative(name) -> bool:
+    # A file_name escaping the folder would let the resize stage write outside its output.
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\\" in name:
+        return False
+    return ".." not in Path(name).parts and not Path(name).is_absolute()
 
 
 def coco_captions(images: list[dict], captions: dict[int, list[str]], description: str) -> dict:

@@ -12,7 +12,8 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from PIL import Image, ImageOps
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 import torch
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
@@ -34,6 +35,14 @@ def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
         if draft and image.format == "JPEG":
             image.draft("RGB", (draft, draft))
         image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I") or image.mode == "F":
+            # 16-bit greyscale ("I;16", or "I" from older decoders): convert("RGB") would clip every
+            # value above 255 to white, a silently wrong image. Scale 0..65535 down to 0..255.
+            wide = np.asarray(image, dtype=np.float64)
+            if image.mode == "F" and wide.max(initial=0) <= 1.0:
+                wide = wide * 65535  # float images in [0, 1]
+            grey = np.clip(wide / 257.0, 0, 255).round().astype(np.uint8)
+            return Image.fromarray(grey, mode="L").convert("RGB")
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             # Composite on white: dropping alpha would expose arbitrary colours in transparent pixels.
             rgba = image.convert("RGBA")
@@ -44,37 +53,63 @@ def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
 
 
 class BadImageError(ValueError):
-    """An image file that cannot be decoded; the message names the file."""
+    """An image file that cannot be used; the message names the file, `reason` says why."""
+
+    def __init__(self, path, reason: str):
+        # The real path: the pipeline reads images through links, the user knows the file.
+        path = os.path.realpath(path)
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+    def __reduce__(self):  # raised in worker processes: must survive pickling with both fields
+        return (BadImageError, (self.path, self.reason))
 
 
 def resize_one(src: Path, dst: Path, size: int, quality: int) -> None:
     """Resize `src` to size x size (aspect not kept, as in Show and Tell) and save a JPEG."""
     try:
         image = load_rgb(src, draft=size * 2)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except FileNotFoundError:
+        raise BadImageError(src, "missing file") from None
+    except Image.DecompressionBombError as err:
+        # Pillow refuses images over 2 x MAX_IMAGE_PIXELS (~179 Mpx): decoding one could exhaust memory.
+        raise BadImageError(src, f"too large to decode safely ({err})") from None
+    except UnidentifiedImageError:
+        reason = "empty file" if src.stat().st_size == 0 else "not an image Pillow can read"
+        raise BadImageError(src, reason) from None
+    except (OSError, SyntaxError, ValueError) as err:
         # Raised in a worker process: without the path the user could not find the file.
-        raise BadImageError(f"{src}: cannot decode image ({err}); remove it or fix its annotation") from None
+        raise BadImageError(src, f"truncated or corrupt ({err})") from None
     image = image.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
     dst.parent.mkdir(parents=True, exist_ok=True)
     image.save(dst, format="JPEG", quality=quality)
 
 
-def _resize_pair(pair: tuple[Path, Path], size: int, quality: int) -> None:
-    resize_one(pair[0], pair[1], size, quality)
+def _resize_pair(pair: tuple[Path, Path], size: int, quality: int, skip_bad: bool) -> str | None:
+    try:
+        resize_one(pair[0], pair[1], size, quality)
+    except BadImageError as err:
+        if not skip_bad:
+            raise
+        return err.reason
+    return None
 
 
 def resize_all(pairs: list[tuple[Path, Path]], size: int, quality: int, workers: int = 0,
-               desc: str = "resize") -> None:
-    """Resize every (src, dst) pair in parallel over `workers` processes (0 = one per core)."""
+               desc: str = "resize", skip_bad: bool = False) -> dict[int, str]:
+    """Resize every (src, dst) pair in parallel over `workers` processes (0 = one per core).
+
+    A bad image raises BadImageError naming it, or with `skip_bad` is left out: the return value
+    maps the index of each skipped pair to the reason.
+    """
     workers = workers or os.cpu_count() or 1
-    job = partial(_resize_pair, size=size, quality=quality)
+    job = partial(_resize_pair, size=size, quality=quality, skip_bad=skip_bad)
     if workers == 1:
-        for pair in tqdm(pairs, desc=desc, unit="img"):
-            job(pair)
-        return
-    with ProcessPoolExecutor(workers) as pool:
-        for _ in tqdm(pool.map(job, pairs, chunksize=16), total=len(pairs), desc=desc, unit="img"):
-            pass
+        reasons = [job(pair) for pair in tqdm(pairs, desc=desc, unit="img")]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            reasons = list(tqdm(pool.map(job, pairs, chunksize=16), total=len(pairs), desc=desc, unit="img"))
+    return {i: reason for i, reason in enumerate(reasons) if reason is not None}
 
 
 class TrainTransform:

@@ -21,6 +21,8 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # Validation metrics the best epoch may be selected by; all but val_loss are better when higher.
 SELECT_METRICS = ("cider", "bleu_4", "grounded", "val_loss")
+# What the pipeline does with an image it cannot use: stop naming it, or skip it and report it.
+BAD_IMAGE_POLICIES = ("error", "skip")
 
 
 class ParamsError(ValueError):
@@ -38,6 +40,16 @@ class DataParams:
     max_side: int = 640
     captions_per_image: int = 5
     workers: int = 0  # processes for generation; 0 = one per core
+    # real sources (everything but synthetic)
+    max_images: int = 0  # per split, a subset drawn by `seed`; 0 = all
+    images_dir: str = ""  # flickr8k, flickr30k, local: the folder holding the images
+    annotations: str = ""  # local: COCO captions json, or Karpathy-format json with a split per image
+    val_fraction: float = 0.05  # local with a COCO captions json: share of images for val
+    test_fraction: float = 0.05  # ... and for test (seeded split)
+    karpathy_json: str = ""  # coco/flickr: a local dataset_*.json instead of downloading caption_datasets.zip
+    base_url: str = ""  # a mirror holding the archives under their own names; "" = the official hosts
+    checksums: str = ""  # a JSON file of {archive: {size, checksum}} for a mirror's repacked archives
+    on_bad_image: str = "error"  # error | skip: an image that is missing or cannot be decoded
 
     def check(self) -> None:
         _one_of("data.source", self.source, SOURCES)
@@ -46,6 +58,19 @@ class DataParams:
         _at_least("data.min_side", self.min_side, 64)
         _at_least("data.max_side", self.max_side, self.min_side)
         _at_least("data.workers", self.workers, 0)
+        _at_least("data.max_images", self.max_images, 0)
+        for key in ("val_fraction", "test_fraction"):
+            if not 0 < getattr(self, key) < 0.5:
+                raise ParamsError(f"data.{key} must be between 0 and 0.5 (exclusive), got {getattr(self, key)!r}")
+        _one_of("data.on_bad_image", self.on_bad_image, BAD_IMAGE_POLICIES)
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
+            raise ParamsError(f"data.base_url must start with http:// or https://, got {self.base_url!r}")
+        if self.source in ("flickr8k", "flickr30k", "local") and not self.images_dir:
+            raise ParamsError(f"data.source {self.source} needs data.images_dir (its images cannot be "
+                              "downloaded freely): the folder holding them")
+        if self.source == "local" and not self.annotations:
+            raise ParamsError("data.source local needs data.annotations: a COCO captions json, or a "
+                              "Karpathy-format json with a split per image")
 
 
 @dataclass(frozen=True)
