@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import torch
 
+from captioning import features
 from captioning.checkpoint import save_checkpoint
 from captioning.datasets import read_split
 from captioning.io import write_json_atomic, write_text_atomic
@@ -50,10 +51,10 @@ class Logs:
         self.mlflow.flush()
 
 
-def resume_key(params, vocab: Vocabulary, train_captions: Path) -> str:
-    """Resume state is only valid for the same data, vocab and training params."""
+def resume_key(params, vocab: Vocabulary, *inputs: Path) -> str:
+    """Resume state is only valid for the same data, backbone, vocab and training params."""
     blob = json.dumps([params.seed, flatten(params.to_dict()["model"]), flatten(params.to_dict()["train"]),
-                       vocab.words, hashlib.sha256(train_captions.read_bytes()).hexdigest()])
+                       vocab.words, [hashlib.sha256(path.read_bytes()).hexdigest() for path in inputs]])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -79,7 +80,13 @@ def main(args: argparse.Namespace) -> None:
     device = pick_device(params.train.device)
     backbone_state = torch.load(args.backbone, map_location="cpu", weights_only=True)
     model = Captioner.build(params.model, len(vocab), backbone_state)
-    resume = Path(args.resume_dir) / f"train-{resume_key(params, vocab, Path(args.data) / 'train' / 'captions.json')}.pt"
+    cached = None
+    if not params.model.train_backbone:  # the backbone is frozen: its output is cached
+        size = model.encoder.feature_size
+        cached = tuple(features.read(args.features, name, [r["id"] for r in split.images], size)
+                       for name, split in (("train", train_split), ("val", val_split)))
+    resume = Path(args.resume_dir) / "train-{}.pt".format(
+        resume_key(params, vocab, Path(args.data) / "train" / "captions.json", Path(args.backbone)))
 
     mlflow.set_experiment(experiment_id=experiment_id())
     with mlflow.start_run(run_name=run_name(), tags=run_tags("train")) as run:
@@ -88,7 +95,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"train: {sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
               f"MLflow run {run.info.run_name} ({run.info.run_id})")
         result = fit(model, vocab, train_split, val_split, params.model, params.train, params.seed,
-                     device, logs, resume_path=resume)
+                     device, logs, resume_path=resume, features=cached)
         save_checkpoint(args.checkpoint, model, vocab, params.to_dict(), state_dict=result.best_state)
         metrics = {"final_train_loss": result.final_train_loss, "best_epoch": result.best_epoch,
                    "steps": result.steps,
@@ -118,6 +125,7 @@ if __name__ == "__main__":
     parser.add_argument("--images", required=True, help="resized images folder")
     parser.add_argument("--vocab", required=True)
     parser.add_argument("--backbone", required=True, help="backbone weights (pretrain's output)")
+    parser.add_argument("--features", required=True, help="cached backbone features (features' output)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint to write")
     parser.add_argument("--metrics", required=True, help="train metrics JSON to write")
     parser.add_argument("--plots", required=True, help="folder for the loss/validation CSVs")

@@ -69,7 +69,7 @@ def test_repro_then_noop_then_experiment(tmp_path):
     clone, env = make_clone(tmp_path, TINY)
 
     out = _run(["dvc", "repro"], clone, env)
-    for stage in ("download", "vocab", "resize", "pretrain", "train", "evaluate"):
+    for stage in ("download", "vocab", "resize", "pretrain", "features", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads((clone / "metrics" / "evaluate.json").read_text())
     for key in ("bleu_1", "bleu_4", "meteor", "rouge_l", "cider", "grounded"):
@@ -100,7 +100,7 @@ def test_repro_then_noop_then_experiment(tmp_path):
     _run(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
     out = _run(["dvc", "exp", "run", "-S", "train.lr=0.0005"], clone, env)
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
-    for stage in ("download", "vocab", "resize", "pretrain"):
+    for stage in ("download", "vocab", "resize", "pretrain", "features"):  # features are not recomputed
         assert f"Running stage '{stage}'" not in out
     shown = json.loads(_run(["dvc", "exp", "show", "--json"], clone, env))
     exps = [e for rev in shown for e in (rev.get("experiments") or [])]

@@ -53,10 +53,26 @@ def _pretrained_state(params: ModelParams) -> dict:
     return torch.load(cached, map_location="cpu", weights_only=True)
 
 
+def backbone_from_state(params: ModelParams, state: dict) -> nn.Module:
+    """The torchvision ResNet named by `params.backbone` with `state` (the pretrain stage's
+    output: every layer but fc) loaded."""
+    backbone = getattr(torchvision.models, params.backbone)(weights=None)
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("fc.") for k in missing):
+        raise ValueError(f"backbone weights do not fit {params.backbone}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}; rerun the pretrain stage")
+    return backbone
+
+
+def trunk(backbone: nn.Module) -> nn.Sequential:
+    """A torchvision ResNet without its fc layer: images (B, 3, H, W) -> pooled (B, F, 1, 1)."""
+    return nn.Sequential(*list(backbone.children())[:-1])
+
+
 class Encoder(nn.Module):
     def __init__(self, backbone: nn.Module, embed_size: int, train_backbone: bool):
         super().__init__()
-        self.backbone = nn.Sequential(*list(backbone.children())[:-1])  # drop fc, keep avgpool
+        self.backbone = trunk(backbone)  # drop fc, keep avgpool
         self.feature_size = backbone.fc.in_features
         self.linear = nn.Linear(self.feature_size, embed_size)
         self.batch_norm = nn.BatchNorm1d(embed_size, momentum=0.01)
@@ -151,14 +167,7 @@ class Captioner(nn.Module):
     def build(cls, params: ModelParams, vocab_size: int, backbone_state: dict | None = None) -> "Captioner":
         """A new model for training, its backbone from `backbone_state` (the pretrain stage's
         output) or else as `params.pretrained` says."""
-        if backbone_state is None:
-            backbone = load_backbone(params)
-        else:
-            backbone = getattr(torchvision.models, params.backbone)(weights=None)
-            missing, unexpected = backbone.load_state_dict(backbone_state, strict=False)
-            if unexpected or any(not k.startswith("fc.") for k in missing):
-                raise ValueError(f"backbone weights do not fit {params.backbone}: missing {missing[:3]}, "
-                                 f"unexpected {unexpected[:3]}; rerun the pretrain stage")
+        backbone = load_backbone(params) if backbone_state is None else backbone_from_state(params, backbone_state)
         return cls({**asdict(params), "vocab_size": vocab_size}, backbone=backbone)
 
     def forward(self, images, captions, lengths, image_index):

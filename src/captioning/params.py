@@ -134,6 +134,20 @@ class PretrainParams:
 
 
 @dataclass(frozen=True)
+class FeaturesParams:
+    views: int = 1  # crops cached per train image: 1 = the centre crop; more adds random crops
+    batch_size: int = 128  # images per forward pass
+    num_workers: int = 1  # DataLoader worker processes (image decoding)
+    device: str = "auto"
+
+    def check(self) -> None:
+        _at_least("features.views", self.views, 1)
+        _at_least("features.batch_size", self.batch_size, 1)
+        _at_least("features.num_workers", self.num_workers, 0)
+        _one_of("features.device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
 class TrainParams:
     epochs: int = 5
     batch_size: int = 128  # captions per step, as in the seed
@@ -184,6 +198,7 @@ class Params:
     resize: ResizeParams = ResizeParams()
     model: ModelParams = ModelParams()
     pretrain: PretrainParams = PretrainParams()
+    features: FeaturesParams = FeaturesParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
 

@@ -1,0 +1,57 @@
+"""features stage: the frozen backbone's pooled output for every image, once (see captioning.features).
+
+With `model.train_backbone: true` the features would be stale after the first step, so the stage
+writes only a note and train reads the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from captioning import features
+from captioning.datasets import SPLITS, read_split
+from captioning.io import atomic_path
+from captioning.model import backbone_from_state, trunk
+from captioning.params import load_params
+from captioning.predict import pick_device
+
+
+def main(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    started = time.perf_counter()
+    with atomic_path(args.out) as tmp:
+        tmp.mkdir(parents=True)
+        if params.model.train_backbone:
+            (tmp / "NOT_USED").write_text("model.train_backbone is true: train reads the images.\n")
+            print(f"features: not needed (model.train_backbone is true) -> {args.out}")
+            return
+        state = torch.load(args.backbone, map_location="cpu", weights_only=True)
+        cnn = trunk(backbone_from_state(params.model, state))
+        device, settings = pick_device(params.features.device), params.features
+        total = 0
+        for split in SPLITS:
+            data = read_split(args.data, split, images_root=args.images)
+            views = settings.views if split == "train" else 1  # evaluation sees the centre crop
+            array = features.extract(
+                cnn, [data.image_path(r) for r in data.images], image_size=params.model.image_size,
+                device=device, views=views, hflip=params.train.hflip, seed=params.seed,
+                batch_size=settings.batch_size, num_workers=settings.num_workers, desc=f"features {split}")
+            features.write(tmp, split, [r["id"] for r in data.images], array,
+                           {"backbone": params.model.backbone, "image_size": params.model.image_size})
+            total += len(data.images) * views
+    seconds = time.perf_counter() - started
+    print(f"features: {total} crops through {params.model.backbone} at {params.model.image_size}px "
+          f"in {seconds:.1f}s ({total / seconds:.0f} img/s) -> {args.out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", required=True, help="dataset folder (captions)")
+    parser.add_argument("--images", required=True, help="resized images folder")
+    parser.add_argument("--backbone", required=True, help="backbone weights (pretrain's output)")
+    parser.add_argument("--out", required=True, help="features folder to create")
+    main(parser.parse_args())

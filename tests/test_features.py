@@ -1,0 +1,95 @@
+"""The feature cache: what it stores, what it refuses, and that training from it is training from
+the images it was computed on."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from captioning import features
+from captioning.datasets import read_split
+from captioning.images import EvalTransform, load_rgb
+from captioning.model import Captioner, trunk
+from captioning.params import ModelParams, TrainParams
+from captioning.text import Vocabulary
+from captioning.training import fit
+
+SIZE = 32
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return trunk(torchvision.models.resnet18(weights=None)).eval()
+
+
+def test_views_are_the_centre_crop_then_seeded_random_crops(tiny_data):
+    split = read_split(tiny_data, "val")
+    paths = [split.image_path(r) for r in split.images[:5]]
+    cnn = _cnn()
+    array = features.extract(cnn, paths, image_size=SIZE, device=torch.device("cpu"), views=3, seed=1,
+                             batch_size=2)
+    assert array.shape == (5, 3, 512) and array.dtype == np.float16
+    with torch.no_grad():
+        centre = cnn(torch.stack([EvalTransform(SIZE)(load_rgb(p)) for p in paths])).flatten(1)
+    assert torch.allclose(torch.from_numpy(array[:, 0]).float(), centre, rtol=1e-2, atol=1e-3)
+    assert not np.array_equal(array[:, 1], array[:, 0]) and not np.array_equal(array[:, 1], array[:, 2])
+    again = features.extract(cnn, paths, image_size=SIZE, device=torch.device("cpu"), views=3, seed=1)
+    assert np.array_equal(array, again)  # the same crops whatever the batch size
+
+
+def test_read_refuses_features_of_other_images_or_backbone(tmp_path):
+    features.write(tmp_path, "val", [1, 2], np.zeros((2, 1, 512), np.float16), {"backbone": "resnet18"})
+    assert features.read(tmp_path, "val", [1, 2], 512).shape == (2, 1, 512)
+    with pytest.raises(features.FeaturesError, match="other images"):
+        features.read(tmp_path, "val", [2, 1], 512)
+    with pytest.raises(features.FeaturesError, match="size 512.*2048"):
+        features.read(tmp_path, "val", [1, 2], 2048)
+    with pytest.raises(features.FeaturesError, match="test.json: missing; run the features stage"):
+        features.read(tmp_path, "test", [1], 512)
+
+
+class _Quiet:
+    def on_step(self, row): pass
+
+    def on_epoch(self, row): pass
+
+
+def test_training_from_cached_features_matches_training_from_the_images(tiny_data):
+    """With one centre-crop view, cached features are the images' backbone output (in float16):
+    the same run from either input must end at the same validation loss."""
+    train, val = read_split(tiny_data, "train"), read_split(tiny_data, "val")
+    vocab = Vocabulary.build([c for cs in train.captions.values() for c in cs], 1)
+    model_params = ModelParams(image_size=SIZE, embed_size=16, hidden_size=24, train_backbone=False)
+    params = TrainParams(epochs=2, batch_size=40, random_crop=False, num_workers=0, log_every=1)
+    cpu = torch.device("cpu")
+    state = {k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items()
+             if not k.startswith("fc.")}
+
+    def run(cached):
+        torch.manual_seed(3)
+        model = Captioner.build(model_params, len(vocab), state)
+        return fit(model, vocab, train, val, model_params, params, seed=5, device=cpu, callbacks=_Quiet(),
+                   features=cached)
+
+    cnn = Captioner.build(model_params, len(vocab), state).encoder.backbone
+    cached = tuple(features.extract(cnn, [s.image_path(r) for r in s.images], image_size=SIZE, device=cpu)
+                   for s in (train, val))
+    from_images, from_features = run(None), run(cached)
+    assert from_features.steps == from_images.steps
+    assert math.isclose(from_features.best["val_loss"], from_images.best["val_loss"], rel_tol=2e-3)
+
+
+def test_cached_features_need_a_frozen_backbone(tiny_data):
+    train = read_split(tiny_data, "train")
+    vocab = Vocabulary.build([c for cs in train.captions.values() for c in cs], 1)
+    model_params = ModelParams(image_size=SIZE, embed_size=16, hidden_size=24, train_backbone=True)
+    model = Captioner.build(model_params, len(vocab), None)
+    dummy = np.zeros((len(train.images), 1, 512), np.float16)
+    with pytest.raises(ValueError, match="frozen backbone"):
+        fit(model, vocab, train, train, model_params, dataclasses.replace(TrainParams(), epochs=1),
+            seed=0, device=torch.device("cpu"), callbacks=_Quiet(), features=(dummy, dummy))
