@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from captioning import features
+from captioning import accel, features
 from captioning.datasets import SPLITS, read_split
 from captioning.io import atomic_path
 from captioning.model import backbone_from_state, trunk
@@ -31,6 +31,7 @@ def main(args: argparse.Namespace) -> None:
         state = torch.load(args.backbone, map_location="cpu", weights_only=True)
         cnn = trunk(backbone_from_state(params.model, state))
         device, settings = pick_device(params.features.device), params.features
+        accel.setup(device, params.train.deterministic)
         total = 0
         for split in SPLITS:
             data = read_split(args.data, split, images_root=args.images)
@@ -38,7 +39,8 @@ def main(args: argparse.Namespace) -> None:
             array = features.extract(
                 cnn, [data.image_path(r) for r in data.images], image_size=params.model.image_size,
                 device=device, views=views, hflip=params.train.hflip, seed=params.seed,
-                batch_size=settings.batch_size, num_workers=settings.num_workers, desc=f"features {split}")
+                batch_size=settings.batch_size, num_workers=settings.num_workers, bf16=params.train.bf16,
+                desc=f"features {split}")
             features.write(tmp, split, [r["id"] for r in data.images], array,
                            {"backbone": params.model.backbone, "image_size": params.model.image_size})
             total += len(data.images) * views

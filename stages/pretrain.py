@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from captioning import accel
 from captioning.datasets import read_split
 from captioning.io import atomic_path, write_json_atomic
 from captioning.model import load_backbone
@@ -17,6 +18,8 @@ from captioning.pretrain import build_concepts, pretrain_backbone
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     torch.manual_seed(params.seed)
+    device = pick_device(params.train.device)
+    accel.setup(device, params.train.deterministic)
     backbone = load_backbone(params.model)  # ImageNet weights when model.pretrained
     summary = {"pretrain_epochs": params.pretrain.epochs}
     if params.pretrain.epochs:
@@ -25,7 +28,7 @@ def main(args: argparse.Namespace) -> None:
         summary |= pretrain_backbone(
             backbone, split, concepts, image_size=params.model.image_size, epochs=params.pretrain.epochs,
             batch_size=params.pretrain.batch_size, lr=params.pretrain.lr, seed=params.seed,
-            device=pick_device(params.train.device), num_workers=params.train.num_workers)
+            device=device, num_workers=params.train.num_workers, bf16=params.train.bf16)
     # The head is task-specific; the captioner gets the feature layers only.
     state = {k: v.cpu() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
     with atomic_path(args.out) as tmp:

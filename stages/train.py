@@ -7,13 +7,14 @@ import csv
 import hashlib
 import io
 import json
-import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import torch
 
-from captioning import features
+from captioning import accel, features
 from captioning.checkpoint import save_checkpoint
 from captioning.datasets import read_split
 from captioning.io import write_json_atomic, write_text_atomic
@@ -66,18 +67,35 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+class Quiet:
+    """Callbacks of the ranks other than 0 under torchrun: only rank 0 logs."""
+
+    def on_step(self, row: dict) -> None: ...
+
+    def on_epoch(self, row: dict) -> None: ...
+
+
+def relaunch_under_torchrun(processes: int) -> None:
+    """Run this same command as `processes` DDP processes (torchrun), then exit with their status."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", sys.argv[0], *sys.argv[1:]]
+    print(f"train: train.processes is {processes}: {' '.join(command)}", flush=True)
+    sys.exit(subprocess.run(command).returncode)
+
+
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
+    here = accel.world()
+    if params.train.processes > 1 and here.size == 1:
+        relaunch_under_torchrun(params.train.processes)
     torch.manual_seed(params.seed)
-    if params.train.deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic; set before the first CUDA call.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    device = pick_device(params.train.device)
+    accel.setup(device, params.train.deterministic)
+    here = accel.init_distributed(device)
+    device = accel.device_for(device, here)
     vocab = Vocabulary.load(args.vocab)
     train_split = read_split(args.data, "train", images_root=args.images)
     val_split = read_split(args.data, "val", images_root=args.images)
-    device = pick_device(params.train.device)
     backbone_state = torch.load(args.backbone, map_location="cpu", weights_only=True)
     model = Captioner.build(params.model, len(vocab), backbone_state)
     cached = None
@@ -88,14 +106,23 @@ def main(args: argparse.Namespace) -> None:
     resume = Path(args.resume_dir) / "train-{}.pt".format(
         resume_key(params, vocab, Path(args.data) / "train" / "captions.json", Path(args.backbone)))
 
+    def train(callbacks):
+        result = fit(model, vocab, train_split, val_split, params.model, params.train, params.seed,
+                     device, callbacks, resume_path=resume, features=cached, here=here)
+        accel.leave_distributed()
+        return result
+
+    if not here.is_main:
+        train(Quiet())
+        return
     mlflow.set_experiment(experiment_id=experiment_id())
     with mlflow.start_run(run_name=run_name(), tags=run_tags("train")) as run:
         mlflow.log_params(flatten(params.to_dict()))
         logs = Logs(run.info.run_id, params.train.epochs)
-        print(f"train: {sum(p.numel() for p in model.parameters()):,} parameters on {device}; "
-              f"MLflow run {run.info.run_name} ({run.info.run_id})")
-        result = fit(model, vocab, train_split, val_split, params.model, params.train, params.seed,
-                     device, logs, resume_path=resume, features=cached)
+        print(f"train: {sum(p.numel() for p in model.parameters()):,} parameters on {device}"
+              f"{f' x {here.size} processes' if here.size > 1 else ''}, from "
+              f"{'cached features' if cached else 'images'}; MLflow run {run.info.run_name} ({run.info.run_id})")
+        result = train(logs)
         save_checkpoint(args.checkpoint, model, vocab, params.to_dict(), state_dict=result.best_state)
         metrics = {"final_train_loss": result.final_train_loss, "best_epoch": result.best_epoch,
                    "steps": result.steps,

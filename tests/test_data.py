@@ -45,3 +45,12 @@ def test_eval_transform_is_the_centre_of_the_train_scale(tiny_data):
     image = load_rgb(split.image_path(split.images[0]))
     centre = TrainTransform(64, random_crop=False, hflip=False)(image, None)
     assert torch.equal(EvalTransform(64)(image), centre)
+
+
+def test_distributed_ranks_share_every_batch_of_the_single_process_run():
+    whole = EpochBatchSampler(10, 4, seed=1, epoch=0).batches()  # batches of 4, 4, 2
+    shares = [EpochBatchSampler(10, 4, seed=1, epoch=0, rank=r, world=3).batches() for r in range(3)]
+    assert [len(s) for s in shares] == [2, 2, 2]  # the 2-image batch cannot feed 3 processes: dropped
+    for step in range(2):
+        assert sorted(sum((s[step] for s in shares), [])) == sorted(whole[step])
+    assert len(EpochBatchSampler(10, 4, seed=1, epoch=0, rank=1, world=3, start=1)) == 1

@@ -112,3 +112,17 @@ def test_repro_then_noop_then_experiment(tmp_path):
     assert runs[0].data.params["train.lr"] == "0.0005"
     assert runs[0].data.tags["dvc.baseline_rev"] == _run(["git", "rev-parse", "HEAD"], clone, env).strip()
     assert "test_bleu_4" in runs[0].data.metrics
+
+
+def test_train_under_torchrun_with_two_processes(tmp_path):
+    """train.processes: 2 relaunches train under torchrun (gloo on CPU): one MLflow run, one
+    checkpoint, and evaluate scores it."""
+    clone, env = make_clone(tmp_path, _merge(TINY, {"train": {"processes": 2}}))
+    out = _run(["dvc", "repro"], clone, env)
+    assert "torch.distributed.run" in out and "x 2 processes" in out
+    metrics = json.loads((clone / "metrics" / "evaluate.json").read_text())
+    assert 0 <= metrics["cider"] <= 10
+    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("captioning").experiment_id])
+    assert len(runs) == 1 and runs[0].data.params["train.processes"] == "2"
+    assert "test_cider" in runs[0].data.metrics

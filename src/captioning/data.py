@@ -89,24 +89,33 @@ class EpochBatchSampler(Sampler):
     """Shuffled batches of (index, item_seed), a pure function of (seed, epoch).
 
     `start` skips batches already trained on, so a resumed epoch continues exactly where the
-    interrupted one stopped.
+    interrupted one stopped. Under DistributedDataParallel each of `world` processes takes its
+    share (`rank`) of every batch, so a step still covers `batch_size` images in all and the
+    gradient (averaged by DDP) is that of the whole batch.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, start: int = 0):
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, start: int = 0,
+                 rank: int = 0, world: int = 1):
         self.size, self.batch_size, self.seed, self.epoch, self.start = size, batch_size, seed, epoch, start
+        self.rank, self.world = rank, world
 
     def batches(self) -> list[list[tuple[int, int]]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         base = (self.seed * 100_003 + self.epoch) * 10_000_019
         items = [(i, base + i) for i in order]
-        return [items[k:k + self.batch_size] for k in range(0, self.size, self.batch_size)]
+        batches = [items[k:k + self.batch_size] for k in range(0, self.size, self.batch_size)]
+        if self.world > 1:
+            # Every process must take every step: a last batch too small to share is dropped.
+            batches = [b[self.rank::self.world] for b in batches if len(b) >= self.world]
+        return batches
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         yield from self.batches()[self.start:]
 
     def __len__(self) -> int:
-        return max(0, -(-self.size // self.batch_size) - self.start)
+        full = len(self.batches()) if self.world > 1 else -(-self.size // self.batch_size)
+        return max(0, full - self.start)
 
 
 def collate_captions(batch):

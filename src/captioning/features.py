@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from captioning import accel
 from captioning.images import EvalTransform, TrainTransform, load_rgb
 
 
@@ -54,16 +55,18 @@ class _Views(Dataset):
 @torch.no_grad()
 def extract(backbone: torch.nn.Module, paths: list, *, image_size: int, device: torch.device,
             views: int = 1, hflip: bool = False, seed: int = 0, batch_size: int = 128,
-            num_workers: int = 0, desc: str = "features") -> np.ndarray:
+            num_workers: int = 0, bf16: bool = True, desc: str = "features") -> np.ndarray:
     """(len(paths), views, F) float16 pooled features of `backbone` (a ResNet trunk ending in
-    its average pool, e.g. `Encoder.backbone`), in eval mode."""
-    backbone.eval().to(device)
+    its average pool, e.g. `Encoder.backbone`), in eval mode; bf16 on CUDA when `bf16`."""
+    backbone = accel.channels_last(backbone.eval().to(device), device)
     loader = DataLoader(_Views(paths, image_size, views, hflip, seed), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     chunks = []
     for crops in tqdm(loader, desc=desc, unit="batch"):
         b = crops.size(0)
-        pooled = backbone(crops.flatten(0, 1).to(device, non_blocking=True)).flatten(1)
+        images = accel.channels_last(crops.flatten(0, 1).to(device, non_blocking=True), device)
+        with accel.autocast(device, bf16):
+            pooled = backbone(images).flatten(1)
         chunks.append(pooled.view(b, views, -1).to(torch.float16).cpu())
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, views, 0), np.float16)
 

@@ -170,12 +170,13 @@ class Captioner(nn.Module):
         backbone = load_backbone(params) if backbone_state is None else backbone_from_state(params, backbone_state)
         return cls({**asdict(params), "vocab_size": vocab_size}, backbone=backbone)
 
-    def forward(self, images, captions, lengths, image_index):
+    def forward(self, inputs, captions, lengths, image_index, pooled: bool = False):
         """Logits for the packed targets; `image_index[n]` is the image of caption n.
 
-        The CNN runs once per image, however many captions the image has in the batch.
+        `inputs` are images (B, 3, S, S), or with `pooled` the backbone's cached pooled output
+        (B, F). The encoder runs once per image, however many captions it has in the batch.
         """
-        features = self.encoder(images)[image_index]  # (N, E)
+        features = (self.encoder.head if pooled else self.encoder)(inputs)[image_index]  # (N, E)
         return self.decoder(features, captions, lengths)
 
     @torch.no_grad()

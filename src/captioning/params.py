@@ -162,6 +162,9 @@ class TrainParams:
     num_workers: int = 1  # DataLoader worker processes
     device: str = "auto"
     deterministic: bool = False  # CUDA: deterministic algorithms (slower); CPU runs are already
+    bf16: bool = True  # CUDA: bf16 autocast (and channels_last for the CNN); ignored on CPU
+    compile: bool = False  # torch.compile the model (pays a compile at start; for long GPU runs)
+    processes: int = 1  # > 1: DistributedDataParallel over this many processes (one per GPU) via torchrun
 
     def check(self) -> None:
         _at_least("train.epochs", self.epochs, 1)
@@ -174,6 +177,7 @@ class TrainParams:
         _at_least("train.checkpoint_every", self.checkpoint_every, 1)
         _at_least("train.num_workers", self.num_workers, 0)
         _one_of("train.device", self.device, DEVICES)
+        _at_least("train.processes", self.processes, 1)
 
 
 @dataclass(frozen=True)

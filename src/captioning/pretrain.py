@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from captioning import accel
 from captioning.data import EpochBatchSampler
 from captioning.datasets import Split
 from captioning.images import TrainTransform, load_rgb
@@ -70,7 +71,7 @@ class _Images(Dataset):
 
 def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], *, image_size: int,
                       epochs: int, batch_size: int, lr: float, seed: int, device: torch.device,
-                      num_workers: int = 0, log=print) -> dict:
+                      num_workers: int = 0, bf16: bool = True, log=print) -> dict:
     """Train `backbone` (a torchvision ResNet; its fc is replaced) to predict caption concepts.
 
     Returns a summary: final loss, steps, seconds. The backbone is left in place, trained.
@@ -80,7 +81,7 @@ def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], *,
                       TrainTransform(image_size, random_crop=True, hflip=False))
     targets = ConceptTargets(split, records, concepts).targets
     backbone.fc = nn.Linear(backbone.fc.in_features, len(concepts))
-    backbone.to(device).train()
+    backbone = accel.channels_last(backbone.to(device), device).train()
     optimizer = torch.optim.Adam(backbone.parameters(), lr=lr)
     criterion = nn.BCEWithLogitsLoss()
     started, step, last = time.perf_counter(), 0, torch.tensor(math.nan)
@@ -90,7 +91,10 @@ def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], *,
                             pin_memory=device.type == "cuda")
         for batch, images in zip(sampler.batches(), loader):
             index = torch.tensor([i for i, _ in batch])
-            loss = criterion(backbone(images.to(device, non_blocking=True)), targets[index].to(device))
+            images = accel.channels_last(images.to(device, non_blocking=True), device)
+            with accel.autocast(device, bf16):
+                logits = backbone(images)
+            loss = criterion(logits.float(), targets[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

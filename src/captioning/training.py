@@ -20,9 +20,12 @@ from typing import Protocol
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.data import DataLoader
 
+from captioning import accel
+from captioning.accel import World
 from captioning.data import CaptionDataset, EpochBatchSampler, FeatureDataset, collate_captions
 from captioning.datasets import Split
 from captioning.images import EvalTransform, TrainTransform
@@ -70,9 +73,14 @@ def images_per_batch(split: Split, captions_per_batch: int, captions_per_image: 
 def fit(model: Captioner, vocab: Vocabulary, train_split: Split, val_split: Split,
         model_params: ModelParams, params: TrainParams, seed: int, device: torch.device,
         callbacks: Callbacks, resume_path: Path | None = None,
-        features: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
+        features: tuple[np.ndarray, np.ndarray] | None = None, here: World = World()) -> FitResult:
     """Train `model`; from images, or from cached (train, val) backbone features when given
-    (the backbone must then be frozen: its output is what was cached)."""
+    (the backbone must then be frozen: its output is what was cached).
+
+    Under torchrun (`here.size` > 1) the model is wrapped in DistributedDataParallel and each
+    process takes its share of every batch; only rank 0 writes resume state, but every rank
+    validates (on identical weights) so all take the same early-stopping decision.
+    """
     model.to(device)
     if features is not None:
         if model.encoder.train_backbone:
@@ -88,13 +96,18 @@ def fit(model: Captioner, vocab: Vocabulary, train_split: Split, val_split: Spli
         encode = model.encoder
     # Cached features are in memory already: worker processes would only add start-up and copies.
     workers = 0 if features is not None else params.num_workers
+    pooled = features is not None
+    if not pooled:
+        model.encoder.backbone = accel.channels_last(model.encoder.backbone, device)
+    net = DistributedDataParallel(model) if here.size > 1 else model
+    net = accel.maybe_compile(net, params.compile)
     batch_images = images_per_batch(train_split, params.batch_size, params.captions_per_image)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=params.lr)
     criterion = nn.CrossEntropyLoss()
     higher_is_better = params.select_metric != "val_loss"
 
-    state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_epoch": 0,
-             "best_state": None, "history": [], "stale_epochs": 0, "seconds": 0.0}
+    state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_epoch": 0, "best_state": None,
+             "history": [], "stale_epochs": 0, "seconds": 0.0, "epoch_loss": 0.0}
     if resume_path is not None and resume_path.is_file():
         saved = torch.load(resume_path, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["model"])
@@ -103,42 +116,49 @@ def fit(model: Captioner, vocab: Vocabulary, train_split: Split, val_split: Spli
         print(f"resumed from {resume_path} at epoch {state['epoch'] + 1}, step {state['step']}")
 
     def save_resume() -> None:
-        if resume_path is None:
+        if resume_path is None or not here.is_main:
             return
         with atomic_path(resume_path) as tmp:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "state": state}, tmp)
 
     started = time.perf_counter() - state["seconds"]
-    last_loss = torch.tensor(math.nan)
     while state["epoch"] < params.epochs:
         epoch = state["epoch"]
-        sampler = EpochBatchSampler(len(dataset), batch_images, seed, epoch, start=state["batch"])
+        sampler = EpochBatchSampler(len(dataset), batch_images, seed, epoch, start=state["batch"],
+                                    rank=here.rank, world=here.size)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_captions,
                             num_workers=workers, pin_memory=device.type == "cuda")
         total = state["batch"] + len(sampler)
+        # Summed on the device: reading it every step would sync the host with the GPU.
+        epoch_loss = torch.tensor(state["epoch_loss"], device=device)
         model.train()
         for inputs, captions, lengths, image_index in loader:
             inputs = inputs.to(device, non_blocking=True)
+            if not pooled:
+                inputs = accel.channels_last(inputs, device)
             captions = captions.to(device, non_blocking=True)
             targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-            # One encoder pass per image, however many of its captions are in the batch.
-            logits = model.decoder(encode(inputs)[image_index.to(device)], captions, lengths)
-            loss = criterion(logits, targets)
+            with accel.autocast(device, params.bf16):
+                logits = net(inputs, captions, lengths, image_index.to(device), pooled=pooled)
+                loss = criterion(logits.float(), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             state["batch"] += 1
             state["step"] += 1
-            last_loss = loss.detach()
+            epoch_loss += loss.detach()
             if state["step"] % params.log_every == 0:  # the only host sync in the loop
-                value = float(last_loss)
+                value = float(loss.detach())
                 callbacks.on_step({"step": state["step"], "epoch": epoch + 1, "batch": state["batch"],
                                    "batches": total, "loss": value, "perplexity": math.exp(min(value, 50))})
             if state["step"] % params.checkpoint_every == 0:
-                state["seconds"] = time.perf_counter() - started
+                state["seconds"], state["epoch_loss"] = time.perf_counter() - started, float(epoch_loss)
                 save_resume()
-        row = {"epoch": epoch + 1, "train_loss": float(last_loss),
+        if here.size > 1:  # BatchNorm running statistics drift apart per process: use rank 0's
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, 0)
+        row = {"epoch": epoch + 1, "train_loss": float(epoch_loss) / max(state["batch"], 1),
                **validate(model, val_dataset, val_split, vocab, device, criterion, encode)}
         state["history"].append(row)
         score = row[params.select_metric]
@@ -150,14 +170,14 @@ def fit(model: Captioner, vocab: Vocabulary, train_split: Split, val_split: Spli
         else:
             state["stale_epochs"] += 1
         callbacks.on_epoch({**row, "best_epoch": state["best_epoch"]})
-        state["epoch"], state["batch"] = epoch + 1, 0
+        state["epoch"], state["batch"], state["epoch_loss"] = epoch + 1, 0, 0.0
         state["seconds"] = time.perf_counter() - started
         if params.patience and state["stale_epochs"] >= params.patience:
             print(f"early stop: {params.select_metric} did not improve for {params.patience} epochs")
             break
         save_resume()
     return FitResult(state["best_state"], state["best_epoch"], state["best"], state["history"],
-                     final_train_loss=float(last_loss), steps=state["step"],
+                     final_train_loss=state["history"][-1]["train_loss"], steps=state["step"],
                      seconds=time.perf_counter() - started)
 
 
