@@ -156,6 +156,6 @@ def test_caption_cli_beam_size(tiny_data, tmp_path, capsys):
 
 def test_cli_and_served_model_decode_as_the_checkpoints_evaluate_params():
     assert decoding_params({"evaluate": {"beam_size": 4, "length_penalty": 0.5}}) == (4, 0.5)
-    # A checkpoint from before beam search decodes greedily.
+    # A checkpoint from before beam search decodes with today's defaults.
     assert decoding_params({"evaluate": {"batch_size": 64}}) == (EvaluateParams.beam_size, EvaluateParams.length_penalty)
     assert decoding_params({}) == (EvaluateParams.beam_size, EvaluateParams.length_penalty)

@@ -143,10 +143,10 @@ class EvaluateParams:
     gallery_size: int = 24  # images shown in the sample gallery
     num_workers: int = 1
     device: str = "auto"
-    beam_size: int = 1  # captions kept per image while decoding; 1 = greedy
+    beam_size: int = 3  # captions kept per image while decoding; 1 = greedy
     # Beam search ranks a finished caption by its summed log-prob / length ** length_penalty:
     # 0 = raw sum (favours short captions), 1 = mean log-prob per token.
-    length_penalty: float = 0.0
+    length_penalty: float = 0.5
 
     def check(self) -> None:
         _at_least("evaluate.batch_size", self.batch_size, 1)
