@@ -1,6 +1,6 @@
 """Side-by-side benchmark of the seed's ways and ours, in one run, on the same data and model.
 
-    python bench/benchmark.py            # ~4 min on 2 idle CPU cores; prints a markdown table last
+    python bench/benchmark.py            # ~3 min on 2 idle CPU cores; prints a markdown table last
     python bench/benchmark.py --only eval_beam_single,eval_beam_batched   # some pieces (and what they need)
 
 Measured (each piece in its own freshly spawned process, so one piece's caches, threads and
