@@ -1,6 +1,7 @@
 """Side-by-side benchmark of the seed's ways and ours, in one run, on the same data and model.
 
     python bench/benchmark.py            # ~3 min on 2 idle CPU cores; prints a markdown table last
+    python bench/benchmark.py --only eval_beam_single,eval_beam_batched   # some pieces (and what they need)
 
 Measured (each piece in its own freshly spawned process, so one piece's caches, threads and
 memory never flatter or burden the next, and its peak RSS is its own):
@@ -12,7 +13,8 @@ memory never flatter or burden the next, and its peak RSS is its own):
 2. Resizing raw images to 256 px: `captioning.images.resize_all` (one process per core) vs a
    single-process Pillow loop.
 3. Greedy captioning of the test images: `captioning.predict.caption_images` batched (64) vs
-   one image at a time.
+   one image at a time; the same for beam search (beam 3, `evaluate.length_penalty`'s default),
+   which advances all images' beams together.
 4. Peak RSS of the train epochs and of captioning.
 5. Scaling of (b): seconds per image at N and 4N train images (smaller images, to stay short).
 
@@ -46,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from captioning.datasets import SPLITS, Split, images_dir, read_split, write_synthetic
 from captioning.images import TrainTransform, resize_all
 from captioning.model import Captioner
-from captioning.params import DataParams, ModelParams, TrainParams
+from captioning.params import DataParams, EvaluateParams, ModelParams, TrainParams
 from captioning.predict import caption_images
 from captioning.text import Vocabulary, tokenize
 from captioning.training import fit, trainable_parameters
@@ -70,6 +72,7 @@ class Setup:
     hidden_size: int = 512
     num_workers: int = 1  # DataLoader workers, both loops (TrainParams' default)
     eval_batch: int = 64
+    beam_size: int = 3
     repeats: int = 3  # passes of the short pieces (resize, captioning); the fastest counts
     seed: int = 42
 
@@ -221,9 +224,10 @@ def measured(name: str, piece: tuple, attempts: int, max_wait: float) -> dict:
 # ---- data -----------------------------------------------------------------------------------
 
 
-def prepare_data(paths: Paths, setup: Setup) -> None:
-    """Synthetic raw images (4N train, for the scaling run), their 256 px copies and the vocab."""
-    params = DataParams(num_train=4 * setup.n_train, num_val=20, num_test=setup.n_test, workers=2)
+def prepare_data(paths: Paths, setup: Setup, scaling: bool = True) -> None:
+    """Synthetic raw images (4N train for the scaling run, else N), their 256 px copies and the vocab."""
+    params = DataParams(num_train=(4 if scaling else 1) * setup.n_train, num_val=20, num_test=setup.n_test,
+                        workers=2)
     write_synthetic(paths.raw, params, seed=setup.seed)
     for split in SPLITS:
         records = read_split(paths.raw, split).images
@@ -382,7 +386,7 @@ def run_resize_single(paths: Paths, setup: Setup) -> dict:
 # ---- 3. evaluation ----------------------------------------------------------------------------
 
 
-def run_caption(paths: Paths, setup: Setup, batch_size: int) -> dict:
+def run_caption(paths: Paths, setup: Setup, batch_size: int, beam_size: int = 1) -> dict:
     vocab = Vocabulary.load(paths.vocab)
     saved = torch.load(paths.model, map_location="cpu", weights_only=True)
     model = Captioner(saved["config"])
@@ -390,10 +394,12 @@ def run_caption(paths: Paths, setup: Setup, batch_size: int) -> dict:
     test = read_split(paths.raw, "test", images_root=paths.images)
     image_paths = [test.image_path(r) for r in test.images]
     cpu = torch.device("cpu")
-    caption_images(model, vocab, image_paths[:2], cpu, batch_size=2, progress=False)  # warm-up
+    decoding = {"beam_size": beam_size, "length_penalty": EvaluateParams.length_penalty}
+    caption_images(model, vocab, image_paths[:2], cpu, batch_size=2, progress=False, **decoding)  # warm-up
     return best_of(setup.repeats, lambda: {
         "images": len(image_paths),
-        "captions": caption_images(model, vocab, image_paths, cpu, batch_size=batch_size, progress=False)})
+        "captions": caption_images(model, vocab, image_paths, cpu, batch_size=batch_size, progress=False,
+                                   **decoding)})
 
 
 def run_imports_only(paths: Paths, setup: Setup) -> dict:
@@ -433,61 +439,86 @@ def verdict(ratio: float, target: float) -> str:
 
 
 def table(setup: Setup, r: dict) -> str:
-    seed, ours, ours1 = r["seed_style"], r["ours"], r["ours_cpi1"]
-    n, n4 = r["scale_n"], r["scale_4n"]
-    epoch_ratio = seed["seconds"] / ours["seconds"]
-    resize_ratio = r["resize_ours"]["images"] / r["resize_ours"]["seconds"] / (
-        r["resize_single"]["images"] / r["resize_single"]["seconds"])
-    eval_ratio = r["eval_single"]["seconds"] / r["eval_batched"]["seconds"]
-    same = sum(a == b for a, b in zip(r["eval_single"]["captions"], r["eval_batched"]["captions"]))
-    per_image_n, per_image_4n = n["seconds"] / n["images"], n4["seconds"] / n4["images"]
+    """The markdown table of the pieces in `r` (a row is left out when a piece it needs did not run)."""
     size = f"{setup.image_size} px"
-    rows = [
-        ("Measure", "A: baseline", "B: ours", "A/B", "Target"),
-        (f"Train epoch, s ({seed['images']} images, {seed['captions']} captions, frozen resnet18, {size}); "
-         "A seed-style loop, B `fit`", f"{seed['seconds']:.1f}", f"{ours['seconds']:.1f}", f"{epoch_ratio:.2f}x",
-         verdict(epoch_ratio, 5)),
-        ("Train throughput, images/s", f"{seed['images'] / seed['seconds']:.1f}",
-         f"{ours['images'] / ours['seconds']:.1f}", f"{epoch_ratio:.2f}x", ""),
-        ("Train steps per epoch (captions per step: 128 vs ~130)", str(seed["steps"]), str(ours["steps"]), "", ""),
-        (f"Final train loss (mean of last {LAST_STEPS} steps)", f"{seed['final_loss']:.3f}",
-         f"{ours['final_loss']:.3f}", "", "comparable"),
-        ("Train epoch peak RSS, MiB: main process (DataLoader worker)",
-         f"{seed['rss_mib']:.0f} ({seed['workers_rss_mib']:.0f})",
-         f"{ours['rss_mib']:.0f} ({ours['workers_rss_mib']:.0f})", "", ""),
-        ("Extra: B with `captions_per_image: 1` (params.yaml), s/epoch; 1/5 of the captions per epoch, "
-         f"loss {ours1['final_loss']:.3f} after {ours1['steps']} steps",
-         f"{seed['seconds']:.1f}", f"{ours1['seconds']:.1f}", f"{seed['seconds'] / ours1['seconds']:.2f}x",
-         "not like for like"),
-        (f"Resize to {RESIZE_SIDE} px, img/s ({r['resize_ours']['images']} raw images); "
-         "A single-process Pillow loop, B `resize_all(workers=0)`",
-         f"{r['resize_single']['images'] / r['resize_single']['seconds']:.1f}",
-         f"{r['resize_ours']['images'] / r['resize_ours']['seconds']:.1f}", f"{resize_ratio:.2f}x",
-         verdict(resize_ratio, 1.7)),
-        (f"Greedy captioning, captions/s ({r['eval_batched']['images']} test images, {size}); "
-         f"A batch 1, B batch {setup.eval_batch} (`caption_images`)",
-         f"{r['eval_single']['images'] / r['eval_single']['seconds']:.1f}",
-         f"{r['eval_batched']['images'] / r['eval_batched']['seconds']:.1f}", f"{eval_ratio:.2f}x",
-         verdict(eval_ratio, 10)),
-        ("Captioning: identical captions, A vs B", "", f"{same}/{len(r['eval_batched']['captions'])}", "", "all"),
-        ("Captioning peak RSS, MiB: main process", f"{r['eval_single']['rss_mib']:.0f}",
-         f"{r['eval_batched']['rss_mib']:.0f}", "", ""),
-        ("Peak RSS, MiB, of a process that only imports torch, torchvision, captioning (in every RSS above)",
-         "", f"{r['imports_only']['rss_mib']:.0f}", "", ""),
-        (f"Scaling of B, s per image ({setup.scale_image_size} px): A at N={n['images']}, B at 4N={n4['images']} "
-         f"({n['seconds']:.1f} s vs {n4['seconds']:.1f} s per epoch)",
-         f"{per_image_n * 1000:.2f} ms", f"{per_image_4n * 1000:.2f} ms", f"{per_image_n / per_image_4n:.2f}x",
-         "~1x (linear)"),
-    ]
+    rows = [("Measure", "A: baseline", "B: ours", "A/B", "Target")]
+    if {"seed_style", "ours"} <= r.keys():
+        seed, ours = r["seed_style"], r["ours"]
+        epoch_ratio = seed["seconds"] / ours["seconds"]
+        rows += [
+            (f"Train epoch, s ({seed['images']} images, {seed['captions']} captions, frozen resnet18, {size}); "
+             "A seed-style loop, B `fit`", f"{seed['seconds']:.1f}", f"{ours['seconds']:.1f}", f"{epoch_ratio:.2f}x",
+             verdict(epoch_ratio, 5)),
+            ("Train throughput, images/s", f"{seed['images'] / seed['seconds']:.1f}",
+             f"{ours['images'] / ours['seconds']:.1f}", f"{epoch_ratio:.2f}x", ""),
+            ("Train steps per epoch (captions per step: 128 vs ~130)", str(seed["steps"]), str(ours["steps"]), "", ""),
+            (f"Final train loss (mean of last {LAST_STEPS} steps)", f"{seed['final_loss']:.3f}",
+             f"{ours['final_loss']:.3f}", "", "comparable"),
+            ("Train epoch peak RSS, MiB: main process (DataLoader worker)",
+             f"{seed['rss_mib']:.0f} ({seed['workers_rss_mib']:.0f})",
+             f"{ours['rss_mib']:.0f} ({ours['workers_rss_mib']:.0f})", "", ""),
+        ]
+    if {"seed_style", "ours_cpi1"} <= r.keys():
+        seed, ours1 = r["seed_style"], r["ours_cpi1"]
+        rows.append(
+            ("Extra: B with `captions_per_image: 1` (params.yaml), s/epoch; 1/5 of the captions per epoch, "
+             f"loss {ours1['final_loss']:.3f} after {ours1['steps']} steps",
+             f"{seed['seconds']:.1f}", f"{ours1['seconds']:.1f}", f"{seed['seconds'] / ours1['seconds']:.2f}x",
+             "not like for like"))
+    if {"resize_single", "resize_ours"} <= r.keys():
+        resize_ratio = r["resize_ours"]["images"] / r["resize_ours"]["seconds"] / (
+            r["resize_single"]["images"] / r["resize_single"]["seconds"])
+        rows.append(
+            (f"Resize to {RESIZE_SIDE} px, img/s ({r['resize_ours']['images']} raw images); "
+             "A single-process Pillow loop, B `resize_all(workers=0)`",
+             f"{r['resize_single']['images'] / r['resize_single']['seconds']:.1f}",
+             f"{r['resize_ours']['images'] / r['resize_ours']['seconds']:.1f}", f"{resize_ratio:.2f}x",
+             verdict(resize_ratio, 1.7)))
+    for kind, single, batched, target in (("Greedy", "eval_single", "eval_batched", 10),
+                                          (f"Beam-search (beam {setup.beam_size})", "eval_beam_single",
+                                           "eval_beam_batched", None)):
+        if not {single, batched} <= r.keys():
+            continue
+        a, b = r[single], r[batched]
+        ratio = a["seconds"] / b["seconds"]
+        same = sum(x == y for x, y in zip(a["captions"], b["captions"]))
+        rows += [
+            (f"{kind} captioning, captions/s ({b['images']} test images, {size}); "
+             f"A batch 1, B batch {setup.eval_batch} (`caption_images`)",
+             f"{a['images'] / a['seconds']:.1f}", f"{b['images'] / b['seconds']:.1f}", f"{ratio:.2f}x",
+             verdict(ratio, target) if target else ""),
+            (f"{kind} captioning: identical captions, A vs B", "", f"{same}/{len(b['captions'])}", "", "all"),
+            (f"{kind} captioning peak RSS, MiB: main process", f"{a['rss_mib']:.0f}", f"{b['rss_mib']:.0f}", "", ""),
+        ]
+    if {"eval_batched", "eval_beam_batched"} <= r.keys():
+        greedy, beam = r["eval_batched"], r["eval_beam_batched"]
+        rows.append((f"Batched captioning, s for {beam['images']} images: A greedy, B beam {setup.beam_size}",
+                     f"{greedy['seconds']:.2f}", f"{beam['seconds']:.2f}",
+                     f"{greedy['seconds'] / beam['seconds']:.2f}x", ""))
+    if "imports_only" in r:
+        rows.append(("Peak RSS, MiB, of a process that only imports torch, torchvision, captioning (in every RSS above)",
+                     "", f"{r['imports_only']['rss_mib']:.0f}", "", ""))
+    if {"scale_n", "scale_4n"} <= r.keys():
+        n, n4 = r["scale_n"], r["scale_4n"]
+        per_image_n, per_image_4n = n["seconds"] / n["images"], n4["seconds"] / n4["images"]
+        rows.append(
+            (f"Scaling of B, s per image ({setup.scale_image_size} px): A at N={n['images']}, B at 4N={n4['images']} "
+             f"({n['seconds']:.1f} s vs {n4['seconds']:.1f} s per epoch)",
+             f"{per_image_n * 1000:.2f} ms", f"{per_image_4n * 1000:.2f} ms", f"{per_image_n / per_image_4n:.2f}x",
+             "~1x (linear)"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
 
-def measure(paths: Paths, setup: Setup, attempts: int, max_wait: float) -> dict:
-    """Every piece, each in its own process, in a fixed order."""
-    pieces = {
+# Pieces that caption with the model the "ours" piece trains and saves.
+NEEDS_MODEL = ("eval_single", "eval_batched", "eval_beam_single", "eval_beam_batched")
+
+
+def pieces(paths: Paths, setup: Setup) -> dict:
+    """Every piece, in the order they run."""
+    return {
         "imports_only": (run_imports_only, paths, setup),
         "seed_style": (run_seed_style, paths, setup),
         "ours": (run_ours, paths, setup, setup.n_train, setup.image_size, 0, True),  # saves the eval model
@@ -496,10 +527,17 @@ def measure(paths: Paths, setup: Setup, attempts: int, max_wait: float) -> dict:
         "resize_ours": (run_resize_ours, paths, setup),
         "eval_single": (run_caption, paths, setup, 1),
         "eval_batched": (run_caption, paths, setup, setup.eval_batch),
+        "eval_beam_single": (run_caption, paths, setup, 1, setup.beam_size),
+        "eval_beam_batched": (run_caption, paths, setup, setup.eval_batch, setup.beam_size),
         "scale_n": (run_ours, paths, setup, setup.n_train, setup.scale_image_size),
         "scale_4n": (run_ours, paths, setup, 4 * setup.n_train, setup.scale_image_size),
     }
-    return {name: measured(name, piece, attempts, max_wait) for name, piece in pieces.items()}
+
+
+def measure(paths: Paths, setup: Setup, names: list[str], attempts: int, max_wait: float) -> dict:
+    """The named pieces, each in its own process, in the fixed order."""
+    return {name: measured(name, piece, attempts, max_wait) for name, piece in pieces(paths, setup).items()
+            if name in names}
 
 
 def warm_file_cache(paths: Paths, n: int) -> None:
@@ -515,16 +553,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-workers", type=int, default=Setup.num_workers, help="DataLoader workers, both loops")
     parser.add_argument("--attempts", type=int, default=2, help="runs of a piece while other processes use the CPU")
     parser.add_argument("--max-wait", type=float, default=60, help="seconds to wait for a quiet machine per run")
+    parser.add_argument("--only", help="comma-separated pieces to run (default: all), e.g. "
+                                       "eval_beam_single,eval_beam_batched; a captioning piece brings `ours`")
     args = parser.parse_args(argv)
     setup = dataclasses.replace(Setup(), n_train=args.n_train, image_size=args.image_size,
                                 num_workers=args.num_workers)
+    every = list(pieces(Paths(Path()), setup))
+    names = every if not args.only else args.only.split(",")
+    unknown = set(names) - set(every)
+    if unknown:
+        parser.error(f"--only: unknown pieces {', '.join(sorted(unknown))} (known: {', '.join(every)})")
+    if set(names) & set(NEEDS_MODEL):
+        names.append("ours")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="caption-bench-") as tmp:
         paths = Paths(Path(tmp))
-        prepare_data(paths, setup)
+        prepare_data(paths, setup, scaling="scale_4n" in names)
         print(f"[bench] data ready in {time.perf_counter() - started:.0f} s: {setup}", flush=True)
         warm_file_cache(paths, setup.n_train)
-        results = measure(paths, setup, args.attempts, args.max_wait)
+        results = measure(paths, setup, names, args.attempts, args.max_wait)
     print(f"\n[bench] total {time.perf_counter() - started:.0f} s\n")
     print(f"Machine: {machine()}\n")
     print(contention(results))

@@ -25,7 +25,8 @@ def main(args: argparse.Namespace) -> None:
     records = [r for r in split.images if split.captions[r["id"]]]
     device = pick_device(params.device)
     captions = caption_images(model, vocab, [split.image_path(r) for r in records], device,
-                              params.batch_size, params.num_workers)
+                              params.batch_size, params.num_workers,
+                              beam_size=params.beam_size, length_penalty=params.length_penalty)
     hypotheses = {r["id"]: c for r, c in zip(records, captions)}
     scores = coco_scores(split.captions, hypotheses)
     scenes = {r["id"]: r["scene"] for r in records if "scene" in r}
@@ -45,8 +46,9 @@ def main(args: argparse.Namespace) -> None:
         mlflow.log_metrics({f"test_{k}": v for k, v in scores.items()})
         mlflow.log_artifact(args.gallery, artifact_path="evaluate")
         mlflow.log_artifact(args.captions, artifact_path="evaluate")
+    decoding = "greedy" if params.beam_size == 1 else f"beam {params.beam_size}, length penalty {params.length_penalty:g}"
     print("evaluate: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-          + f" on {len(records)} test images -> {args.metrics}")
+          + f" on {len(records)} test images ({decoding}) -> {args.metrics}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ def test_unknown_section_is_rejected():
     ({"data": {"source": "imagenet"}}, r"data\.source must be one of synthetic"),
     ({"train": {"select_metric": "accuracy"}}, r"train\.select_metric must be one of"),
     ({"seed": 1.5}, r"seed must be an integer"),
+    ({"evaluate": {"beam_size": 0}}, r"evaluate\.beam_size must be >= 1, got 0"),
+    ({"evaluate": {"length_penalty": -0.5}}, r"evaluate\.length_penalty must be between 0 and 2"),
+    ({"evaluate": {"length_penalty": float("nan")}}, r"evaluate\.length_penalty must be between 0 and 2"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(raw, message):
     with pytest.raises(ParamsError, match=message):

@@ -149,6 +149,78 @@ class Decoder(nn.Module):
             inputs = self.embedding(predicted).unsqueeze(1)  # (B, 1, E)
         return torch.stack(ids, 1)
 
+    def step(self, inputs: torch.Tensor, states) -> tuple[torch.Tensor, tuple]:
+        """One decoding step of N sequences: inputs (N, 1, E) -> log-probs (N, V), new LSTM states."""
+        hiddens, states = self.lstm(inputs, states)  # (N, 1, H)
+        return self.linear(hiddens.squeeze(1)).log_softmax(1), states
+
+    @torch.no_grad()
+    def beam_search(self, features: torch.Tensor, end_id: int, beam_size: int,
+                    length_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, E) features -> ((B, L) ids, (B,) scores): the best of `beam_size` beams per image.
+
+        All B * K beams advance together, one LSTM step per token. As in `greedy`, the image is
+        step 0 and the first predicted id is <start>; ids after a caption's <end> are <end>, so
+        `Vocabulary.decode` reads both alike. A hypothesis scores its summed log-probs (from the
+        <start> to the <end> id) divided by its length in ids ** `length_penalty`: 0 keeps the raw
+        sum, which favours short captions, 1 is the mean log-prob.
+
+        A beam that predicts <end> leaves the beam (its slot is refilled from the others at the next
+        step) and becomes a finished hypothesis of its image. An image is done once its best
+        finished hypothesis scores at least what any live beam could still reach (log-probs only
+        add negative terms, and the length is at most `max_seq_len`), so stopping early never
+        changes the result; the search stops when every image is done. An image with nothing
+        finished after `max_seq_len` steps gets its best live beam, truncated as greedy's would be.
+        With `beam_size` 1 this is exactly `greedy`.
+        """
+        batch, k, device = features.size(0), beam_size, features.device
+        neg_inf = float("-inf")
+        inputs, states = features.repeat_interleave(k, 0).unsqueeze(1), None  # (B*K, 1, E)
+        # Summed log-probs of the live beams; -inf = no beam in that slot. At step 0 one beam per
+        # image: K copies of the same one would all pick the same tokens.
+        scores = features.new_full((batch, k), neg_inf)  # (B, K)
+        scores[:, 0] = 0.0
+        history = torch.empty(batch * k, 0, dtype=torch.long, device=device)  # (B*K, t) ids so far
+        best = features.new_full((batch,), neg_inf)  # (B,) normalised score of the best finished
+        best_ids = torch.full((batch, self.max_seq_len), end_id, dtype=torch.long, device=device)
+        best_len = torch.zeros(batch, dtype=torch.long, device=device)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        first_beam = torch.arange(batch, device=device).unsqueeze(1) * k  # (B, 1) row of each image's beam 0
+        images = torch.arange(batch, device=device)
+        for step in range(self.max_seq_len):
+            log_probs, states = self.step(inputs, states)  # (B*K, V)
+            vocab_size = log_probs.size(1)
+            candidates = (scores.unsqueeze(2) + log_probs.view(batch, k, vocab_size)).view(batch, -1)
+            # Candidates of one step have the same length: ranking raw sums is ranking scores.
+            top, flat = candidates.topk(k, dim=1)  # (B, K), best first
+            rows = (first_beam + flat.div(vocab_size, rounding_mode="floor")).view(-1)  # (B*K,) parent beams
+            tokens = flat.remainder(vocab_size)  # (B, K)
+            history = torch.cat((history[rows], tokens.view(-1, 1)), 1)  # (B*K, step+1)
+            # As in greedy, <end> counts only after the <start> step.
+            ended = (tokens == end_id) & top.isfinite() if step > 0 else torch.zeros_like(tokens, dtype=torch.bool)
+            finished, which = (top / (step + 1) ** length_penalty).masked_fill(~ended, neg_inf).max(1)  # (B,)
+            better = (finished > best) & ~done  # a done image's result is final
+            if bool(better.any()):
+                best = torch.where(better, finished, best)
+                chosen = history.view(batch, k, -1)[images, which]  # (B, step+1)
+                best_ids[better] = end_id
+                best_ids[better, : step + 1] = chosen[better]
+                best_len = torch.where(better, step + 1, best_len)
+            scores = top.masked_fill(ended, neg_inf)
+            reachable = scores.max(1).values / self.max_seq_len ** length_penalty  # (B,) -inf: no live beam
+            done |= best >= reachable
+            if bool(done.all()):
+                break
+            inputs = self.embedding(tokens.view(-1)).unsqueeze(1)  # (B*K, 1, E)
+            states = tuple(s.index_select(1, rows) for s in states)  # (layers, B*K, H) each
+        unfinished = best == neg_inf  # ran out of steps: the best live beam, truncated
+        if bool(unfinished.any()):
+            alive, which = scores.max(1)
+            best = torch.where(unfinished, alive / history.size(1) ** length_penalty, best)
+            best_ids[unfinished, : history.size(1)] = history.view(batch, k, -1)[images, which][unfinished]
+            best_len = torch.where(unfinished, history.size(1), best_len)
+        return best_ids[:, : int(best_len.max())], best
+
 
 class Captioner(nn.Module):
     """Encoder + decoder, rebuilt from `config` alone (the checkpoint stores it)."""
@@ -182,3 +254,13 @@ class Captioner(nn.Module):
     @torch.no_grad()
     def caption_ids(self, images: torch.Tensor, end_id: int) -> torch.Tensor:
         return self.decoder.greedy(self.encoder(images), end_id)
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, end_id: int, beam_size: int = 1,
+                 length_penalty: float = 0.0) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, L) ids: greedy for `beam_size` 1 (the same ids, less
+        bookkeeping), else `Decoder.beam_search`."""
+        features = self.encoder(images)  # (B, E)
+        if beam_size == 1:
+            return self.decoder.greedy(features, end_id)
+        return self.decoder.beam_search(features, end_id, beam_size, length_penalty)[0]

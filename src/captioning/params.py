@@ -186,9 +186,17 @@ class EvaluateParams:
     gallery_size: int = 24  # images shown in the sample gallery
     num_workers: int = 1
     device: str = "auto"
+    beam_size: int = 3  # captions kept per image while decoding; 1 = greedy
+    # Beam search ranks a finished caption by its summed log-prob / length ** length_penalty:
+    # 0 = raw sum (favours short captions), 1 = mean log-prob per token.
+    length_penalty: float = 0.5
 
     def check(self) -> None:
         _at_least("evaluate.batch_size", self.batch_size, 1)
+        _at_least("evaluate.beam_size", self.beam_size, 1)
+        # Negative would favour short captions even more than 0 (and void beam search's stopping
+        # bound); past 2, length wins over the words. The bounds also reject NaN and infinity.
+        _between("evaluate.length_penalty", self.length_penalty, 0, 2)
         _at_least("evaluate.gallery_size", self.gallery_size, 0)
         _at_least("evaluate.num_workers", self.num_workers, 0)
         _one_of("evaluate.device", self.device, DEVICES)

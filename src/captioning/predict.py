@@ -1,4 +1,4 @@
-"""Caption images with a trained captioner: batched greedy decoding over a DataLoader."""
+"""Caption images with a trained captioner: batched greedy or beam-search decoding over a DataLoader."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from tqdm import tqdm
 from captioning.data import ImageDataset
 from captioning.images import EvalTransform
 from captioning.model import Captioner
+from captioning.params import EvaluateParams
 from captioning.text import Vocabulary
 
 
@@ -24,17 +25,26 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def decoding_params(trained_params: dict) -> tuple[int, float]:
+    """(beam_size, length_penalty) of the `evaluate` section a checkpoint was trained with (its
+    `params`), else the defaults: the caption CLI and the MLflow model decode as evaluate did."""
+    section = trained_params.get("evaluate") or {}
+    return (section.get("beam_size", EvaluateParams.beam_size),
+            section.get("length_penalty", EvaluateParams.length_penalty))
+
+
 @torch.no_grad()
 def caption_images(model: Captioner, vocab: Vocabulary, paths: list, device: torch.device,
-                   batch_size: int = 64, num_workers: int = 0, progress: bool = True) -> list[str]:
-    """One greedy caption per image path, in order."""
+                   batch_size: int = 64, num_workers: int = 0, progress: bool = True,
+                   beam_size: int = 1, length_penalty: float = 0.0) -> list[str]:
+    """One caption per image path, in order: greedy for `beam_size` 1, else beam search."""
     model.eval().to(device)
     dataset = ImageDataset(paths, EvalTransform(model.config["image_size"]))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     captions: list[str] = [""] * len(dataset)
     for images, index in tqdm(loader, desc="caption", unit="batch", disable=not progress):
-        ids = model.caption_ids(images.to(device, non_blocking=True), vocab.end_id).cpu()
+        ids = model.generate(images.to(device, non_blocking=True), vocab.end_id, beam_size, length_penalty).cpu()
         for row, i in zip(ids.tolist(), index.tolist()):
             captions[i] = vocab.decode(row)
     return captions
@@ -70,7 +80,15 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--model", help="an MLflow model URI instead: runs:/<run id>/model, models:/...")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--beam-size", type=int,
+                        help="captions kept per image while decoding, 1 = greedy (default: the checkpoint's "
+                             "evaluate.beam_size); length_penalty is the checkpoint's evaluate.length_penalty")
     args = parser.parse_args(argv)
+    if args.beam_size is not None and args.beam_size < 1:
+        parser.error(f"--beam-size must be >= 1, got {args.beam_size}")
+    if args.beam_size is not None and args.model:
+        parser.error("--beam-size applies to --checkpoint; an MLflow model decodes as its checkpoint's "
+                     "evaluate params say")
     paths = image_files(args.inputs)
     if args.model:
         import mlflow.pyfunc
@@ -81,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
         frame = pd.DataFrame({"image": [encode_image(p) for p in paths]})
         captions = list(mlflow.pyfunc.load_model(args.model).predict(frame)["caption"])
     else:
-        model, vocab, _ = load_checkpoint(args.checkpoint)
-        captions = caption_images(model, vocab, paths, pick_device(args.device), args.batch_size, progress=False)
+        model, vocab, trained_params = load_checkpoint(args.checkpoint)
+        beam_size, length_penalty = decoding_params(trained_params)
+        captions = caption_images(model, vocab, paths, pick_device(args.device), args.batch_size, progress=False,
+                                  beam_size=args.beam_size or beam_size, length_penalty=length_penalty)
     for path, caption in zip(paths, captions):
         print(f"{path}\t{caption}")

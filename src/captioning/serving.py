@@ -2,7 +2,8 @@
 
 Input: a DataFrame with an `image` column of base64-encoded image files (any format and mode
 Pillow reads), which is what `mlflow models serve` receives as JSON. Output: a DataFrame with a
-`caption` column, one row per image. The model is the checkpoint file and nothing else.
+`caption` column, one row per image. The model is the checkpoint file and nothing else; it
+decodes with the beam size and length penalty of the checkpoint's `evaluate` params.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from captioning.checkpoint import load_checkpoint
 from captioning.images import EvalTransform, load_rgb
-from captioning.predict import pick_device
+from captioning.predict import decoding_params, pick_device
 
 
 def encode_image(path: str | Path) -> str:
@@ -26,7 +27,8 @@ def encode_image(path: str | Path) -> str:
 
 class CaptionerModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        self.model, self.vocab, _ = load_checkpoint(context.artifacts["checkpoint"])
+        self.model, self.vocab, trained_params = load_checkpoint(context.artifacts["checkpoint"])
+        self.beam_size, self.length_penalty = decoding_params(trained_params)
         self.device = pick_device("auto")
         self.model.to(self.device)
         self.transform = EvalTransform(self.model.config["image_size"])
@@ -36,7 +38,8 @@ class CaptionerModel(mlflow.pyfunc.PythonModel):
         if not images:
             return pd.DataFrame({"caption": []})
         with torch.no_grad():
-            ids = self.model.caption_ids(torch.stack(images).to(self.device), self.vocab.end_id).cpu()
+            ids = self.model.generate(torch.stack(images).to(self.device), self.vocab.end_id,
+                                      self.beam_size, self.length_penalty).cpu()
         return pd.DataFrame({"caption": [self.vocab.decode(row) for row in ids.tolist()]})
 
 

@@ -1,0 +1,161 @@
+"""Beam search: beam 1 is greedy, batching changes nothing, scores are the model's, and it finds
+what greedy misses."""
+
+import math
+
+import pytest
+import torch
+
+from captioning.checkpoint import save_checkpoint
+from captioning.datasets import read_split
+from captioning.model import Captioner, Decoder
+from captioning.params import EvaluateParams, ModelParams
+from captioning.predict import decoding_params
+from captioning.text import Vocabulary
+
+END = 2
+SMALL = ModelParams(backbone="resnet18", image_size=32, embed_size=16, hidden_size=24, max_seq_len=9)
+
+
+def random_decoder(seed: int, vocab_size: int = 13) -> Decoder:
+    """Random weights, sharpened and with <end> favoured so that captions end at all sorts of
+    lengths (PyTorch's initial output layer gives near-uniform, state-blind word choices)."""
+    torch.manual_seed(seed)
+    decoder = Decoder(SMALL.embed_size, SMALL.hidden_size, vocab_size, 1, SMALL.max_seq_len).eval()
+    with torch.no_grad():
+        decoder.linear.weight *= 6
+        decoder.linear.bias[END] += 0.5
+    return decoder
+
+
+def until_end(ids: list[int]) -> list[int]:
+    """Ids up to the first <end> after the <start> step, as Vocabulary.decode reads them."""
+    for i, token in enumerate(ids):
+        if token == END and i > 0:
+            return ids[: i + 1]
+    return ids
+
+
+@torch.no_grad()
+def log_prob(decoder: Decoder, features: torch.Tensor, ids: list[int]) -> float:
+    """Teacher-forced summed log-prob of `ids` (from <start> on) given one image's features (E,)."""
+    logits = decoder(features.unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)]))  # (len, V)
+    return float(logits.log_softmax(1)[torch.arange(len(ids)), torch.tensor(ids)].sum())
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 0.7, 1.0])
+def test_beam_size_1_is_greedy(length_penalty):
+    decoder = random_decoder(3)
+    features = torch.randn(300, SMALL.embed_size) * 2  # (B, E)
+    greedy = decoder.greedy(features, END).tolist()
+    beam, _ = decoder.beam_search(features, END, 1, length_penalty)
+    assert [until_end(r) for r in beam.tolist()] == [until_end(r) for r in greedy]
+    lengths = {len(until_end(r)) for r in greedy}
+    assert len(lengths) > 3  # the case is not trivial: captions of many lengths, some truncated
+    assert SMALL.max_seq_len in lengths
+
+
+def test_generate_with_beam_1_gives_greedy_ids_from_images():
+    torch.manual_seed(1)
+    model = Captioner.build(SMALL, vocab_size=13).eval()
+    images = torch.randn(6, 3, 32, 32)
+    assert torch.equal(model.generate(images, END, beam_size=1), model.caption_ids(images, END))
+    beam = model.generate(images, END, beam_size=3, length_penalty=0.5)
+    assert beam.shape[0] == 6 and 1 <= beam.shape[1] <= SMALL.max_seq_len
+
+
+@pytest.mark.parametrize("beam_size, length_penalty", [(3, 0.0), (4, 1.0)])
+def test_batching_does_not_change_beam_search(beam_size, length_penalty):
+    decoder = random_decoder(3)
+    features = torch.randn(40, SMALL.embed_size) * 2
+    ids, scores = decoder.beam_search(features, END, beam_size, length_penalty)
+    for i in range(len(features)):
+        alone_ids, alone_score = decoder.beam_search(features[i:i + 1], END, beam_size, length_penalty)
+        assert until_end(alone_ids[0].tolist()) == until_end(ids[i].tolist()), i
+        assert alone_score.item() == pytest.approx(scores[i].item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 0.6, 1.0])
+def test_scores_are_the_models_length_normalised_log_probs(length_penalty):
+    decoder = random_decoder(4)
+    features = torch.randn(30, SMALL.embed_size) * 2
+    ids, scores = decoder.beam_search(features, END, 3, length_penalty)
+    for row, score, feature in zip(ids.tolist(), scores.tolist(), features):
+        caption = until_end(row)
+        expected = log_prob(decoder, feature, caption) / len(caption) ** length_penalty
+        assert score == pytest.approx(expected, abs=1e-4)
+
+
+class TableDecoder(Decoder):
+    """A hand-built decoder whose next-token probabilities depend on the previous token alone.
+
+    Token 0 stands for the image (step 0's input); the embedding is one-hot, so `step` reads the
+    previous token back from its input.
+    """
+
+    def __init__(self, probs: dict[int, dict[int, float]], vocab_size: int = 6, max_seq_len: int = 6):
+        super().__init__(vocab_size, 1, vocab_size, 1, max_seq_len)
+        table = torch.full((vocab_size, vocab_size), 1e-6)
+        for prev, row in probs.items():
+            for token, p in row.items():
+                table[prev, token] = p
+        self.table = (table / table.sum(1, keepdim=True)).log()  # (V, V) log P(next | prev)
+        with torch.no_grad():
+            self.embedding.weight.copy_(torch.eye(vocab_size))
+
+    def step(self, inputs, states):
+        previous = inputs[:, 0].argmax(1)  # (N,)
+        return self.table[previous], (torch.zeros(1, len(previous), 1),)
+
+    def search(self, beam_size: int, length_penalty: float = 0.0) -> tuple[list[int], float]:
+        ids, scores = self.beam_search(torch.eye(self.embedding.num_embeddings)[:1], END, beam_size, length_penalty)
+        return until_end(ids[0].tolist()), scores.item()
+
+
+START, A, B, C = 1, 3, 4, 5
+
+
+def test_beam_finds_the_better_caption_greedy_misses():
+    # Greedy takes A (0.6) and then ends at 0.34: 0.204. B (0.4) then <end> (0.9) gives 0.36.
+    decoder = TableDecoder({0: {START: 1.0}, START: {A: 0.6, B: 0.4}, A: {END: 0.34, B: 0.33, C: 0.33},
+                            B: {END: 0.9, C: 0.1}, C: {END: 1.0}})
+    assert decoder.search(1) == ([START, A, END], pytest.approx(math.log(0.6 * 0.34), abs=1e-4))
+    for beam_size in (2, 3, 5):
+        assert decoder.search(beam_size) == ([START, B, END], pytest.approx(math.log(0.4 * 0.9), abs=1e-4))
+
+
+def test_length_penalty_trades_probability_for_length():
+    # Short: A <end>, 0.5. Long: B C <end>, 0.5 * 0.9 * 0.9 = 0.405: less likely, but more per token.
+    decoder = TableDecoder({0: {START: 1.0}, START: {A: 0.5, B: 0.5}, A: {END: 1.0},
+                            B: {C: 0.9, END: 0.1}, C: {END: 0.9, C: 0.1}})
+    assert decoder.search(2, length_penalty=0.0)[0] == [START, A, END]
+    ids, score = decoder.search(2, length_penalty=1.0)
+    assert ids == [START, B, C, END] and score == pytest.approx(math.log(0.405) / 4, abs=1e-4)
+
+
+def test_a_caption_that_never_ends_is_truncated_like_greedy():
+    decoder = TableDecoder({0: {START: 1.0}, START: {A: 1.0}, A: {A: 1.0}}, max_seq_len=5)
+    assert decoder.search(3) == ([START, A, A, A, A], pytest.approx(0.0, abs=1e-4))
+
+
+def test_caption_cli_beam_size(tiny_data, tmp_path, capsys):
+    from captioning.predict import main
+
+    train = read_split(tiny_data, "train")
+    vocab = Vocabulary.build([c for cs in train.captions.values() for c in cs], 1)
+    torch.manual_seed(0)
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, Captioner.build(SMALL, len(vocab)).eval(), vocab, {"evaluate": {"beam_size": 2}})
+    images = [str(train.image_path(r)) for r in train.images[:3]]
+    main([*images, "--checkpoint", str(path), "--beam-size", "3"])
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.strip().splitlines()] == images
+    with pytest.raises(SystemExit):
+        main([images[0], "--checkpoint", str(path), "--beam-size", "0"])
+    assert "--beam-size must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_and_served_model_decode_as_the_checkpoints_evaluate_params():
+    assert decoding_params({"evaluate": {"beam_size": 4, "length_penalty": 0.5}}) == (4, 0.5)
+    # A checkpoint from before beam search decodes with today's defaults.
+    assert decoding_params({"evaluate": {"batch_size": 64}}) == (EvaluateParams.beam_size, EvaluateParams.length_penalty)
+    assert decoding_params({}) == (EvaluateParams.beam_size, EvaluateParams.length_penalty)
