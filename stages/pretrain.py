@@ -28,7 +28,8 @@ def main(args: argparse.Namespace) -> None:
         summary |= pretrain_backbone(
             backbone, split, concepts, image_size=params.model.image_size, epochs=params.pretrain.epochs,
             batch_size=params.pretrain.batch_size, lr=params.pretrain.lr, seed=params.seed,
-            device=device, num_workers=params.train.num_workers, bf16=params.train.bf16)
+            device=device, num_workers=params.train.num_workers, bf16=params.train.bf16,
+            schedule=params.pretrain.schedule)
     # The head is task-specific; the captioner gets the feature layers only.
     state = {k: v.cpu() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
     with atomic_path(args.out) as tmp:

@@ -21,6 +21,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # Validation metrics the best epoch may be selected by; all but val_loss are better when higher.
 SELECT_METRICS = ("cider", "bleu_4", "grounded", "val_loss")
+LR_SCHEDULES = ("onecycle", "constant")
 # What the pipeline does with an image it cannot use: stop naming it, or skip it and report it.
 BAD_IMAGE_POLICIES = ("error", "skip")
 
@@ -124,6 +125,7 @@ class PretrainParams:
     lr: float = 0.002
     max_concepts: int = 1000  # most frequent caption words and word pairs to predict
     min_images: int = 5  # a concept must occur in this many train images
+    schedule: str = "onecycle"  # learning rate: onecycle (warm-up, then annealed) | constant
 
     def check(self) -> None:
         _at_least("pretrain.epochs", self.epochs, 0)
@@ -131,6 +133,7 @@ class PretrainParams:
         _positive("pretrain.lr", self.lr)
         _at_least("pretrain.max_concepts", self.max_concepts, 1)
         _at_least("pretrain.min_images", self.min_images, 1)
+        _one_of("pretrain.schedule", self.schedule, LR_SCHEDULES)
 
 
 @dataclass(frozen=True)

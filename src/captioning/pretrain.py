@@ -27,10 +27,17 @@ from captioning.images import TrainTransform, load_rgb
 from captioning.text import tokenize
 
 
+# Function words say nothing about the image ("a picture of", "there is"), yet as targets they
+# are coin flips that drown the visual signal in noise; they are not concepts.
+STOPWORDS = frozenset("""a an the of on in at to into onto with without and or but is are was were be
+been being there here this that these those it its it's as by for from some any""".split())
+
+
 def caption_concepts(caption: str) -> set[str]:
-    """Words and adjacent word pairs of a caption."""
+    """Content words of a caption and its adjacent pairs of content words ("red circle")."""
     words = tokenize(caption)
-    return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
+    pairs = {f"{a} {b}" for a, b in zip(words, words[1:]) if a not in STOPWORDS and b not in STOPWORDS}
+    return {w for w in words if w not in STOPWORDS} | pairs
 
 
 def build_concepts(split: Split, max_concepts: int, min_images: int) -> list[str]:
@@ -43,16 +50,22 @@ def build_concepts(split: Split, max_concepts: int, min_images: int) -> list[str
 
 
 class ConceptTargets:
-    """Image index -> multi-hot (K,) tensor of the concepts its captions contain."""
+    """Image index -> (K,) share of the image's captions that contain each concept.
+
+    A share rather than "any caption": annotators pick among synonyms ("circle", "disk", "ball")
+    and optional details, so presence in any one of five captions is a noisy label, while the
+    share is the probability that a caption of this image names the concept.
+    """
 
     def __init__(self, split: Split, records: list[dict], concepts: list[str]):
         index = {c: i for i, c in enumerate(concepts)}
         self.targets = torch.zeros(len(records), len(concepts))
         for n, record in enumerate(records):
-            for caption in split.captions[record["id"]]:
+            captions = split.captions[record["id"]]
+            for caption in captions:
                 for concept in caption_concepts(caption):
                     if concept in index:
-                        self.targets[n, index[concept]] = 1.0
+                        self.targets[n, index[concept]] += 1.0 / len(captions)
 
 
 class _Images(Dataset):
