@@ -81,12 +81,13 @@ def test_bad_params_stop_a_stage_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_during_training_then_rerun_resumes_to_the_same_result(tiny_data, tmp_path):
+@pytest.mark.parametrize("train_backbone", [False, True], ids=["cached-features", "images"])
+def test_kill_9_during_training_then_rerun_resumes_to_the_same_result(tiny_data, tmp_path, train_backbone):
     """`kill -9` the train stage after a resume checkpoint; the rerun resumes and ends identical."""
     work = tmp_path / "work"
     work.mkdir()
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"].update(image_size=32, embed_size=16, hidden_size=24)
+    params["model"].update(image_size=32, embed_size=16, hidden_size=24, train_backbone=train_backbone)
     params["train"].update(epochs=3, batch_size=20, num_workers=0, log_every=1, checkpoint_every=2)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     shutil.copytree(tiny_data, work / "raw")
@@ -97,10 +98,14 @@ def test_kill_9_during_training_then_rerun_resumes_to_the_same_result(tiny_data,
     torch.manual_seed(0)  # no pretrain: a random backbone (fc excluded, as pretrain writes it)
     torch.save({k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")},
                work / "backbone.pt")
+    run = [sys.executable, str(REPO / "stages" / "features.py"), "--data", "raw", "--images", "raw",
+           "--backbone", "backbone.pt", "--out", "features"]
+    subprocess.run(run, cwd=work, env=env, check=True, capture_output=True)
 
     def train(tag: str) -> list[str]:
         return [sys.executable, str(REPO / "stages" / "train.py"), "--data", "raw", "--images", "raw",
-                "--vocab", "vocab.json", "--backbone", "backbone.pt", "--checkpoint", f"{tag}/checkpoint.pt",
+                "--vocab", "vocab.json", "--backbone", "backbone.pt", "--features", "features",
+                "--checkpoint", f"{tag}/checkpoint.pt",
                 "--metrics", f"{tag}/train.json", "--plots", f"{tag}/plots", "--run-info", f"{tag}/run.json",
                 "--resume-dir", "resume"]
 
