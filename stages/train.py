@@ -53,9 +53,14 @@ class Logs:
 
 
 def resume_key(params, vocab: Vocabulary, *inputs: Path) -> str:
-    """Resume state is only valid for the same data, backbone, vocab and training params."""
-    blob = json.dumps([params.seed, flatten(params.to_dict()["model"]), flatten(params.to_dict()["train"]),
-                       vocab.words, [hashlib.sha256(path.read_bytes()).hexdigest() for path in inputs]])
+    """Resume state is only valid for the same data, backbone, vocab and training params.
+
+    The cached features are keyed by what makes them (the backbone file and `features.*`), not
+    hashed: on COCO with several views they are gigabytes."""
+    sections = params.to_dict()
+    blob = json.dumps([params.seed, flatten(sections["model"]), flatten(sections["train"]),
+                       flatten(sections["features"]), vocab.words,
+                       [hashlib.sha256(path.read_bytes()).hexdigest() for path in inputs]])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
