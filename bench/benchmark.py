@@ -14,9 +14,10 @@ memory never flatter or burden the next, and its peak RSS is its own):
    timed apart as a one-off cost, then epochs of head + decoder only.
 2. Resizing raw images to 256 px: `captioning.images.resize_all` (one process per core) vs a
    single-process Pillow loop.
-3. Greedy captioning of the test images: `captioning.predict.caption_images` batched (64) vs
-   one image at a time; the same for beam search (beam 3, `evaluate.length_penalty`'s default),
-   which advances all images' beams together.
+3. Greedy captioning of the test images: `captioning.predict.caption_images` batched (64) vs the
+   seed's way (one image at a time: open, transform, encoder, its `sample` loop of max_seq_len
+   steps, ids to words), and vs `caption_images` itself at batch 1; the same for beam search
+   (beam 3, `evaluate.length_penalty`'s default), which advances all images' beams together.
 4. Peak RSS of the train epochs and of captioning.
 5. Scaling of (b): seconds per image at N and 4N train images (smaller images, to stay short).
 
@@ -49,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioning import features
 from captioning.datasets import SPLITS, Split, images_dir, read_split, write_synthetic
-from captioning.images import TrainTransform, resize_all
+from captioning.images import EvalTransform, TrainTransform, resize_all
 from captioning.model import Captioner
 from captioning.params import DataParams, EvaluateParams, ModelParams, TrainParams
 from captioning.predict import caption_images
@@ -429,6 +430,44 @@ def run_caption(paths: Paths, setup: Setup, batch_size: int, beam_size: int = 1)
                                    **decoding)})
 
 
+def seed_sample(decoder, features: torch.Tensor) -> torch.Tensor:
+    """The seed's `LSTMModel.sample`, verbatim in substance: all max_seq_len steps, no early stop."""
+    sampled, inputs, states = [], features.unsqueeze(1), None
+    for _ in range(decoder.max_seq_len):
+        hiddens, states = decoder.lstm(inputs, states)
+        predicted = decoder.linear(hiddens.squeeze(1)).max(1)[1]
+        sampled.append(predicted)
+        inputs = decoder.embedding(predicted).unsqueeze(1)
+    return torch.stack(sampled, 1)
+
+
+def run_caption_seed_style(paths: Paths, setup: Setup) -> dict:
+    """The seed's way to caption: one image at a time, as its sample script does: open and
+    transform the image, the encoder, `sample`, ids to words. (The same EvalTransform as ours, so
+    both sides see identical pixels and must agree on every caption.)"""
+    vocab = Vocabulary.load(paths.vocab)
+    saved = torch.load(paths.model, map_location="cpu", weights_only=True)
+    model = Captioner(saved["config"])
+    model.load_state_dict(saved["state"])
+    model.eval()
+    test = read_split(paths.raw, "test", images_root=paths.images)
+    image_paths = [test.image_path(r) for r in test.images]
+    transform = EvalTransform(model.config["image_size"])
+
+    def caption_all() -> dict:
+        captions = []
+        with torch.no_grad():
+            for path in image_paths:
+                image = transform(Image.open(path).convert("RGB")).unsqueeze(0)
+                ids = seed_sample(model.decoder, model.encoder(image))[0].tolist()
+                captions.append(vocab.decode(ids))
+        return {"images": len(image_paths), "captions": captions}
+
+    with torch.no_grad():  # warm-up, as for ours
+        seed_sample(model.decoder, model.encoder(transform(Image.open(image_paths[0]).convert("RGB")).unsqueeze(0)))
+    return best_of(setup.repeats, caption_all)
+
+
 def run_imports_only(paths: Paths, setup: Setup) -> dict:
     """Nothing: the RSS of a process that has only imported torch, torchvision and captioning,
     which every other piece's peak includes."""
@@ -513,9 +552,13 @@ def table(setup: Setup, r: dict) -> str:
              f"{r['resize_single']['images'] / r['resize_single']['seconds']:.1f}",
              f"{r['resize_ours']['images'] / r['resize_ours']['seconds']:.1f}", f"{resize_ratio:.2f}x",
              verdict(resize_ratio, 1.7)))
-    for kind, single, batched, target in (("Greedy", "eval_single", "eval_batched", 10),
-                                          (f"Beam-search (beam {setup.beam_size})", "eval_beam_single",
-                                           "eval_beam_batched", None)):
+    # The target compares with the seed's way (its sample loop, one image at a time); ours at
+    # batch 1 is the same code as B with batching alone taken away.
+    for kind, single, batched, target, a_name in (
+            ("Greedy", "eval_seed_single", "eval_batched", 10, "the seed's loop (one image at a time, `sample`)"),
+            ("Greedy", "eval_single", "eval_batched", None, "`caption_images` at batch 1"),
+            (f"Beam-search (beam {setup.beam_size})", "eval_beam_single", "eval_beam_batched", None,
+             "`caption_images` at batch 1")):
         if not {single, batched} <= r.keys():
             continue
         a, b = r[single], r[batched]
@@ -523,7 +566,7 @@ def table(setup: Setup, r: dict) -> str:
         same = sum(x == y for x, y in zip(a["captions"], b["captions"]))
         rows += [
             (f"{kind} captioning, captions/s ({b['images']} test images, {size}); "
-             f"A batch 1, B batch {setup.eval_batch} (`caption_images`)",
+             f"A {a_name}, B `caption_images` at batch {setup.eval_batch}",
              f"{a['images'] / a['seconds']:.1f}", f"{b['images'] / b['seconds']:.1f}", f"{ratio:.2f}x",
              verdict(ratio, target) if target else ""),
             (f"{kind} captioning: identical captions, A vs B", "", f"{same}/{len(b['captions'])}", "", "all"),
@@ -552,7 +595,7 @@ def table(setup: Setup, r: dict) -> str:
 
 
 # Pieces that caption with the model the "ours" piece trains and saves.
-NEEDS_MODEL = ("eval_single", "eval_batched", "eval_beam_single", "eval_beam_batched")
+NEEDS_MODEL = ("eval_seed_single", "eval_single", "eval_batched", "eval_beam_single", "eval_beam_batched")
 
 
 def pieces(paths: Paths, setup: Setup) -> dict:
@@ -565,6 +608,7 @@ def pieces(paths: Paths, setup: Setup) -> dict:
         "ours_cached": (run_ours_cached, paths, setup),
         "resize_single": (run_resize_single, paths, setup),
         "resize_ours": (run_resize_ours, paths, setup),
+        "eval_seed_single": (run_caption_seed_style, paths, setup),
         "eval_single": (run_caption, paths, setup, 1),
         "eval_batched": (run_caption, paths, setup, setup.eval_batch),
         "eval_beam_single": (run_caption, paths, setup, 1, setup.beam_size),

@@ -2,10 +2,12 @@ import pytest
 import torch
 import torchvision
 
+from captioning.data import EpochBatchSampler
 from captioning.datasets import read_split
+from captioning.images import TrainTransform, load_scaled, scaled_side
 from captioning.model import Captioner
 from captioning.params import ModelParams
-from captioning.pretrain import ConceptTargets, build_concepts, caption_concepts, pretrain_backbone
+from captioning.pretrain import ConceptTargets, build_concepts, caption_concepts, image_batches, pretrain_backbone
 
 
 def test_concepts_are_content_words_and_adjacent_content_word_pairs():
@@ -38,3 +40,18 @@ def test_pretrain_changes_the_backbone_and_the_captioner_loads_it(tiny_data):
     state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
     model = Captioner.build(ModelParams(image_size=32, embed_size=8, hidden_size=8), 10, state)
     assert torch.equal(model.encoder.backbone[0].weight, backbone.conv1.weight)
+
+
+def test_images_decoded_once_give_the_batches_the_workers_give(tiny_data):
+    # The in-memory path is a speed-up only: same crops, flips and order as streaming.
+    split = read_split(tiny_data, "train")
+    paths = [split.image_path(r) for r in split.images]
+    transform = TrainTransform(32, random_crop=True, hflip=True)
+    sampler = EpochBatchSampler(len(paths), 16, seed=3, epoch=1)
+    streamed = list(image_batches(paths, transform, sampler, None, num_workers=1, pin_memory=False))
+    scaled = load_scaled(paths, 32, workers=1)
+    assert scaled.dtype == torch.uint8 and scaled.shape == (48, 3, scaled_side(32), scaled_side(32))
+    in_memory = list(image_batches(paths, transform, sampler, scaled, num_workers=1, pin_memory=False))
+    assert len(in_memory) == len(streamed) == 3
+    for a, b in zip(in_memory, streamed):
+        assert torch.equal(a, b)
