@@ -38,6 +38,7 @@ def test_splits_sizes_images_and_coco_format(tiny_data):
             with Image.open(data.image_path(record)) as image:
                 assert image.format == "JPEG" and image.mode == "RGB"
                 assert 300 <= min(image.size) and max(image.size) <= 640
+                assert max(image.size) / min(image.size) <= 4 / 3 + 0.01  # COCO-shaped, see MAX_ASPECT
                 assert image.size == (record["width"], record["height"])
             assert 1 <= len(record["scene"]["objects"]) <= 3
         all_ids |= {r["id"] for r in data.images}

@@ -1,6 +1,6 @@
 """A captioned scene dataset generated offline, with ground truth.
 
-Each image is a COCO-sized JPEG (sides drawn from [min_side, max_side]) on a low-saturation
+Each image is a COCO-sized JPEG (sides in [min_side, max_side], at most 4:3) on a low-saturation
 background (solid, gradient or noise), holding 1 to 3 objects that differ in shape, colour, size and
 position. Each image gets captions from a small grammar with real variety: synonyms, optional size
 adjectives, counts ("two red circles"), spatial relations ("left of", "above") and word order. The
@@ -115,7 +115,8 @@ def make_scene(rng: np.random.Generator, min_side: int, max_side: int) -> dict:
 def _apart(x, y, radius, other: SceneObject, width, height) -> bool:
     short = min(width, height)
     dist = math.hypot((x - other.x) * width, (y - other.y) * height)
-    return dist > (radius + other.radius) * short * 1.15
+    # A gap of 5% of the radii: apart, and room for three objects in a fifth of the scenes.
+    return dist > (radius + other.radius) * short * 1.05
 
 
 def render(scene: dict, rng: np.random.Generator) -> Image.Image:
