@@ -2,9 +2,9 @@ import pytest
 import torch
 import torchvision
 
-from captioning.data import EpochBatchSampler
+from captioning.data import EpochBatchSampler, load_scaled
 from captioning.datasets import read_split
-from captioning.images import TrainTransform, load_scaled, scaled_side
+from captioning.images import TrainTransform, scaled_side
 from captioning.model import Captioner
 from captioning.params import ModelParams
 from captioning.pretrain import ConceptTargets, build_concepts, caption_concepts, image_batches, pretrain_backbone

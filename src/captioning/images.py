@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import functional as TF
 from tqdm import tqdm
+
+# torch is imported inside the few functions that make tensors: the resize stage and its worker
+# processes never use it, and importing it costs each of them ~4 s (more under spawn).
 
 # ImageNet statistics: the backbones were trained with them (and random ones do not mind).
 MEAN = (0.485, 0.456, 0.406)
@@ -155,40 +155,24 @@ class EvalTransform:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float tensor, ImageNet-normalised."""
-    return normalize(TF.pil_to_tensor(image))
+    from torchvision.transforms.functional import pil_to_tensor
+
+    return normalize(pil_to_tensor(image))
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> float, ImageNet-normalised; one image or a batch."""
-    return TF.normalize(pixels.float().div_(255), MEAN, STD)
+    from torchvision.transforms.functional import normalize as tv_normalize
+
+    return tv_normalize(pixels.float().div_(255), MEAN, STD)
 
 
 def scale(image: Image.Image, image_size: int) -> torch.Tensor:
     """RGB PIL image -> (3, side, side) uint8 at the side the network's crops are taken from."""
+    from torchvision.transforms.functional import pil_to_tensor
+
     side = scaled_side(image_size)
-    return TF.pil_to_tensor(image.resize((side, side), Image.Resampling.BILINEAR))
-
-
-class _Scaled(Dataset):
-    def __init__(self, paths: list, image_size: int):
-        self.paths, self.image_size = paths, image_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return scale(load_rgb(self.paths[index]), self.image_size)
-
-
-def load_scaled(paths: list, image_size: int, workers: int = 0, desc: str = "decode") -> torch.Tensor:
-    """Every image decoded and scaled once: (N, 3, side, side) uint8, in `paths` order.
-
-    For loops that visit small images many times (pretraining at 32 px): decoding a 256 px JPEG
-    costs more than the network's step on its 32 px crop, so decoding once halves an epoch.
-    """
-    workers = workers or min(os.cpu_count() or 1, 8)
-    loader = DataLoader(_Scaled(paths, image_size), batch_size=256, num_workers=workers)
-    return torch.cat(list(tqdm(loader, desc=desc, unit="batch")))
+    return pil_to_tensor(image.resize((side, side), Image.Resampling.BILINEAR))
 
 
 def scaled_side(image_size: int) -> int:

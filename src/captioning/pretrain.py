@@ -21,9 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from captioning import accel
-from captioning.data import EpochBatchSampler
+from captioning.data import EpochBatchSampler, load_scaled
 from captioning.datasets import Split
-from captioning.images import TrainTransform, load_rgb, load_scaled, normalize, scaled_side
+from captioning.images import TrainTransform, load_rgb, normalize, scaled_side
 from captioning.text import tokenize
 
 
