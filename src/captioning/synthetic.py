@@ -82,8 +82,9 @@ def make_scene(rng: np.random.Generator, min_side: int, max_side: int) -> dict:
     """Image size, background and 1-3 non-overlapping objects, all drawn from `rng`."""
     # COCO's shapes: mostly 4:3 either way, never more than MAX_ASPECT. The resize stage squashes
     # every image to a square (as Show and Tell does), so a 2:1 image would shrink its objects'
-    # widths to half: a small shape a few pixels across at the network's input, whose outline no
-    # CNN can read (measured: a label-supervised probe at 32 px tops out far below 0.9).
+    # widths to half: a small shape under 2 px wide at the network's 32 px input. (Measured: a
+    # ResNet-18 trained on the scene labels, 4 epochs at 32 px, gives features a probe reads at
+    # 0.66 with sides drawn independently, 0.70 with this cap.)
     width = int(rng.integers(min_side, max_side + 1))
     aspect = math.exp(float(rng.uniform(-math.log(MAX_ASPECT), math.log(MAX_ASPECT))))
     height = int(min(max(round(width / aspect), min_side), max_side))
