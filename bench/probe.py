@@ -22,10 +22,8 @@ from captioning import features
 from captioning.datasets import read_split
 from captioning.model import backbone_from_state, trunk
 from captioning.params import load_params
-from captioning.synthetic import scene_objects
+from captioning.synthetic import COLOURS, SHAPES, scene_objects
 
-COLOURS = ("red", "green", "blue", "yellow")
-SHAPES = ("circle", "square", "triangle")
 PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 
 
