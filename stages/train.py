@@ -146,8 +146,10 @@ def main(args: argparse.Namespace) -> None:
         log_pyfunc(args.checkpoint, example_image=val_split.image_path(val_split.images[0]))
         write_run_info(args.run_info, run)
     resume.unlink(missing_ok=True)  # finished: a rerun must start afresh, not resume
+    metric = params.train.select_metric
+    name = metric if metric.startswith("val_") else f"val_{metric}"  # as in metrics/train.json
     print(f"train: {result.steps} steps in {result.seconds:.0f}s; best epoch {result.best_epoch} "
-          f"(val {params.train.select_metric} {result.best[params.train.select_metric]:.3f}) -> {args.checkpoint}")
+          f"({name} {result.best[metric]:.3f}) -> {args.checkpoint}")
 
 
 if __name__ == "__main__":
