@@ -86,7 +86,8 @@ def test_repro_then_noop_then_experiment(tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.data.metrics["test_cider"] == pytest.approx(metrics["cider"])
-    assert run.data.params["train.lr"] == "0.002" and run.data.params["model.hidden_size"] == "24"
+    lr = yaml.safe_load((clone / "params.yaml").read_text())["train"]["lr"]  # the run's own value
+    assert run.data.params["train.lr"] == str(lr) and run.data.params["model.hidden_size"] == "24"
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"checkpoint", "evaluate"} <= artifacts
