@@ -27,6 +27,11 @@ from captioning.tracking import MetricLogger, experiment_id, flatten, run_name, 
 from captioning.training import fit
 
 
+def val_key(name: str) -> str:
+    """A validation row's key as metrics/train.json and MLflow name it: cider -> val_cider."""
+    return name if name.startswith("val_") else f"val_{name}"
+
+
 class Logs:
     """Training callbacks: print like the seed, buffer rows for the plot files, send to MLflow."""
 
@@ -44,8 +49,7 @@ class Logs:
         self.epochs.append(row)
         print("epoch {epoch}: val_loss {val_loss:.4f}, cider {cider:.3f}, bleu_4 {bleu_4:.3f}, "
               "grounded {grounded:.3f}".format(**row), flush=True)
-        self.mlflow.log({f"val_{k}" if k in ("cider", "bleu_4", "grounded") else k: v
-                         for k, v in row.items()
+        self.mlflow.log({val_key(k): v for k, v in row.items()
                          # train_loss is already a per-step curve; NaN (no scenes) is not a score
                          if k not in ("epoch", "best_epoch", "train_loss") and v == v},
                         row["epoch"])
@@ -131,8 +135,7 @@ def main(args: argparse.Namespace) -> None:
         save_checkpoint(args.checkpoint, model, vocab, params.to_dict(), state_dict=result.best_state)
         metrics = {"final_train_loss": result.final_train_loss, "best_epoch": result.best_epoch,
                    "steps": result.steps,
-                   **{k if k.startswith("val_") else f"val_{k}": v
-                      for k, v in result.best.items() if k not in ("epoch", "train_loss")}}
+                   **{val_key(k): v for k, v in result.best.items() if k not in ("epoch", "train_loss")}}
         write_json_atomic(args.metrics, metrics)
         write_csv(Path(args.plots) / "train_loss.csv", [
             {k: r[k] for k in ("step", "epoch", "loss", "perplexity")} for r in logs.steps])
@@ -147,9 +150,8 @@ def main(args: argparse.Namespace) -> None:
         write_run_info(args.run_info, run)
     resume.unlink(missing_ok=True)  # finished: a rerun must start afresh, not resume
     metric = params.train.select_metric
-    name = metric if metric.startswith("val_") else f"val_{metric}"  # as in metrics/train.json
     print(f"train: {result.steps} steps in {result.seconds:.0f}s; best epoch {result.best_epoch} "
-          f"({name} {result.best[metric]:.3f}) -> {args.checkpoint}")
+          f"({val_key(metric)} {result.best[metric]:.3f}) -> {args.checkpoint}")
 
 
 if __name__ == "__main__":
