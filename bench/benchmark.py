@@ -1,6 +1,7 @@
 """Side-by-side benchmark of the seed's ways and ours, in one run, on the same data and model.
 
-    python bench/benchmark.py            # ~3 min on 2 idle CPU cores; prints a markdown table last
+    python bench/benchmark.py            # ~11 min on 2 idle CPU cores; prints a markdown table last
+    python bench/benchmark.py --image-sizes 64 --scale-sizes 600,2400   # other input sides, shorter scaling
     python bench/benchmark.py --only eval_beam_single,eval_beam_batched   # some pieces (and what they need)
 
 Measured (each piece in its own freshly spawned process, so one piece's caches, threads and
@@ -19,7 +20,11 @@ memory never flatter or burden the next, and its peak RSS is its own):
    steps, ids to words), and vs `caption_images` itself at batch 1; the same for beam search
    (beam 3, `evaluate.length_penalty`'s default), which advances all images' beams together.
 4. Peak RSS of the train epochs and of captioning.
-5. Scaling of (b): seconds per image at N and 4N train images (smaller images, to stay short).
+5. Scaling of (b): seconds per image and peak RSS of an epoch at 1k, 3k and 10k train images
+   (smaller images, to stay short).
+
+Pieces 1, 3 and 4 run once per input side (`IMAGE_SIZES`: the seed's 224 px crop and the
+pipeline's 32 px), since which of CNN and decoder dominates the time depends on it.
 
 Both train loops share the data, vocabulary, transform, initial weights (same torch seed), model
 sizes, captions per step (128), learning rate and DataLoader workers: only the loop differs.
@@ -59,6 +64,9 @@ from captioning.training import fit, trainable_parameters
 
 RESIZE_SIDE = 256  # the resize stage's output, as in the seed
 JPEG_QUALITY = 95
+# The input sides the epoch and captioning comparisons run at: the seed's 224 px crop, where the CNN
+# is most of the work, and the default pipeline's 32 px (model.image_size), where the decoder is.
+IMAGE_SIZES = (224, 32)
 LAST_STEPS = 5  # final loss = mean of this many last steps (one step's loss is noisy)
 
 
@@ -68,8 +76,9 @@ class Setup:
 
     n_train: int = 600
     n_test: int = 100  # images captioned in the evaluation comparison
-    image_size: int = 64  # network input side for the epoch comparison
-    scale_image_size: int = 32  # smaller for the 4N scaling run, to keep it short
+    image_size: int = 224  # network input side of the epoch and captioning comparisons (one of IMAGE_SIZES)
+    scale_image_size: int = 32  # smaller for the scaling runs, to keep them short
+    scale_sizes: tuple[int, ...] = (1000, 3000, 10000)  # train images of the scaling runs
     batch_captions: int = 128  # captions per step, the seed's batch size
     lr: float = 0.001
     embed_size: int = 256  # the seed's sizes
@@ -110,9 +119,9 @@ class Paths:
     def vocab(self) -> Path:
         return self.root / "vocab.json"
 
-    @property
-    def model(self) -> Path:
-        return self.root / "model.pt"
+    def model(self, image_size: int) -> Path:
+        """The model the `ours` piece trains at that input size, which the captioning pieces use."""
+        return self.root / f"model-{image_size}px.pt"
 
 
 # ---- running a piece in isolation -----------------------------------------------------------
@@ -229,9 +238,10 @@ def measured(name: str, piece: tuple, attempts: int, max_wait: float) -> dict:
 
 
 def prepare_data(paths: Paths, setup: Setup, scaling: bool = True) -> None:
-    """Synthetic raw images (4N train for the scaling run, else N), their 256 px copies and the vocab."""
-    params = DataParams(num_train=(4 if scaling else 1) * setup.n_train, num_val=20, num_test=setup.n_test,
-                        workers=2)
+    """Synthetic raw images (enough train images for the largest scaling run, else N), their 256 px
+    copies and the vocab."""
+    n_train = max(setup.n_train, *setup.scale_sizes) if scaling else setup.n_train
+    params = DataParams(num_train=n_train, num_val=20, num_test=setup.n_test, workers=2)
     write_synthetic(paths.raw, params, seed=setup.seed)
     for split in SPLITS:
         records = read_split(paths.raw, split).images
@@ -347,7 +357,7 @@ def run_ours(paths: Paths, setup: Setup, n_train: int, image_size: int, captions
     result = fit(model, vocab, split, val, setup.model_params(image_size), setup.train_params(captions_per_image),
                  setup.seed, torch.device("cpu"), clock)
     if save_model:
-        torch.save({"config": model.config, "state": result.best_state}, paths.model)
+        torch.save({"config": model.config, "state": result.best_state}, paths.model(image_size))
     last = clock.losses[-LAST_STEPS:]
     return {**watch.stop(end=clock.times[-1]), "steps": len(clock.losses), "images": len(split.images),
             "captions": sum(len(c) for c in split.captions.values()), "final_loss": sum(last) / len(last)}
@@ -416,7 +426,7 @@ def run_resize_single(paths: Paths, setup: Setup) -> dict:
 
 def run_caption(paths: Paths, setup: Setup, batch_size: int, beam_size: int = 1) -> dict:
     vocab = Vocabulary.load(paths.vocab)
-    saved = torch.load(paths.model, map_location="cpu", weights_only=True)
+    saved = torch.load(paths.model(setup.image_size), map_location="cpu", weights_only=True)
     model = Captioner(saved["config"])
     model.load_state_dict(saved["state"])
     test = read_split(paths.raw, "test", images_root=paths.images)
@@ -446,7 +456,7 @@ def run_caption_seed_style(paths: Paths, setup: Setup) -> dict:
     transform the image, the encoder, `sample`, ids to words. (The same EvalTransform as ours, so
     both sides see identical pixels and must agree on every caption.)"""
     vocab = Vocabulary.load(paths.vocab)
-    saved = torch.load(paths.model, map_location="cpu", weights_only=True)
+    saved = torch.load(paths.model(setup.image_size), map_location="cpu", weights_only=True)
     model = Captioner(saved["config"])
     model.load_state_dict(saved["state"])
     model.eval()
@@ -504,15 +514,16 @@ def verdict(ratio: float, target: float) -> str:
     return f">= {target:g}x: {'met' if ratio >= target else 'NOT met'}"
 
 
-def table(setup: Setup, r: dict) -> str:
-    """The markdown table of the pieces in `r` (a row is left out when a piece it needs did not run)."""
+def size_rows(setup: Setup, r: dict) -> list[tuple[str, ...]]:
+    """The rows of the pieces run at `setup.image_size`, from `r` (piece name -> result; a row is
+    left out when a piece it needs did not run)."""
     size = f"{setup.image_size} px"
-    rows = [("Measure", "A: baseline", "B: ours", "A/B", "Target")]
+    rows = []
     if {"seed_style", "ours"} <= r.keys():
         seed, ours = r["seed_style"], r["ours"]
         epoch_ratio = seed["seconds"] / ours["seconds"]
         rows += [
-            (f"Train epoch, s ({seed['images']} images, {seed['captions']} captions, frozen resnet18, {size}); "
+            (f"Train epoch, s ({seed['images']} images, {seed['captions']} captions, frozen resnet18); "
              "A seed-style loop, B `fit`", f"{seed['seconds']:.1f}", f"{ours['seconds']:.1f}", f"{epoch_ratio:.2f}x",
              verdict(epoch_ratio, 5)),
             ("Train throughput, images/s", f"{seed['images'] / seed['seconds']:.1f}",
@@ -543,15 +554,6 @@ def table(setup: Setup, r: dict) -> str:
              f"loss {ours1['final_loss']:.3f} after {ours1['steps']} steps",
              f"{seed['seconds']:.1f}", f"{ours1['seconds']:.1f}", f"{seed['seconds'] / ours1['seconds']:.2f}x",
              "not like for like"))
-    if {"resize_single", "resize_ours"} <= r.keys():
-        resize_ratio = r["resize_ours"]["images"] / r["resize_ours"]["seconds"] / (
-            r["resize_single"]["images"] / r["resize_single"]["seconds"])
-        rows.append(
-            (f"Resize to {RESIZE_SIDE} px, img/s ({r['resize_ours']['images']} raw images); "
-             "A single-process Pillow loop, B `resize_all(workers=0)`",
-             f"{r['resize_single']['images'] / r['resize_single']['seconds']:.1f}",
-             f"{r['resize_ours']['images'] / r['resize_ours']['seconds']:.1f}", f"{resize_ratio:.2f}x",
-             verdict(resize_ratio, 1.7)))
     # The target compares with the seed's way (its sample loop, one image at a time); ours at
     # batch 1 is the same code as B with batching alone taken away.
     for kind, single, batched, target, a_name in (
@@ -565,7 +567,7 @@ def table(setup: Setup, r: dict) -> str:
         ratio = a["seconds"] / b["seconds"]
         same = sum(x == y for x, y in zip(a["captions"], b["captions"]))
         rows += [
-            (f"{kind} captioning, captions/s ({b['images']} test images, {size}); "
+            (f"{kind} captioning, captions/s ({b['images']} test images); "
              f"A {a_name}, B `caption_images` at batch {setup.eval_batch}",
              f"{a['images'] / a['seconds']:.1f}", f"{b['images'] / b['seconds']:.1f}", f"{ratio:.2f}x",
              verdict(ratio, target) if target else ""),
@@ -577,51 +579,95 @@ def table(setup: Setup, r: dict) -> str:
         rows.append((f"Batched captioning, s for {beam['images']} images: A greedy, B beam {setup.beam_size}",
                      f"{greedy['seconds']:.2f}", f"{beam['seconds']:.2f}",
                      f"{greedy['seconds'] / beam['seconds']:.2f}x", ""))
+    return [(f"{size}: {measure}", *cells) for measure, *cells in rows]
+
+
+def shared_rows(setup: Setup, r: dict) -> list[tuple[str, ...]]:
+    """The rows of the pieces that do not depend on the input size (resize, memory, scaling)."""
+    rows = []
+    if {"resize_single", "resize_ours"} <= r.keys():
+        resize_ratio = r["resize_ours"]["images"] / r["resize_ours"]["seconds"] / (
+            r["resize_single"]["images"] / r["resize_single"]["seconds"])
+        rows.append(
+            (f"Resize to {RESIZE_SIDE} px, img/s ({r['resize_ours']['images']} raw images); "
+             "A single-process Pillow loop, B `resize_all(workers=0)`",
+             f"{r['resize_single']['images'] / r['resize_single']['seconds']:.1f}",
+             f"{r['resize_ours']['images'] / r['resize_ours']['seconds']:.1f}", f"{resize_ratio:.2f}x",
+             verdict(resize_ratio, 1.7)))
     if "imports_only" in r:
         rows.append(("Peak RSS, MiB, of a process that only imports torch, torchvision, captioning (in every RSS above)",
                      "", f"{r['imports_only']['rss_mib']:.0f}", "", ""))
-    if {"scale_n", "scale_4n"} <= r.keys():
-        n, n4 = r["scale_n"], r["scale_4n"]
-        per_image_n, per_image_4n = n["seconds"] / n["images"], n4["seconds"] / n4["images"]
-        rows.append(
-            (f"Scaling of B, s per image ({setup.scale_image_size} px): A at N={n['images']}, B at 4N={n4['images']} "
-             f"({n['seconds']:.1f} s vs {n4['seconds']:.1f} s per epoch)",
-             f"{per_image_n * 1000:.2f} ms", f"{per_image_4n * 1000:.2f} ms", f"{per_image_n / per_image_4n:.2f}x",
-             "~1x (linear)"))
+    scaled = [r[name] for name in scale_names(setup) if name in r]
+    if scaled:
+        first = scaled[0]
+        first_per_image = first["seconds"] / first["images"]
+        for run in scaled:
+            per_image = run["seconds"] / run["images"]
+            rows.append(
+                (f"Scaling of B ({setup.scale_image_size} px, from images): one epoch of {run['images']} images; "
+                 f"B s per epoch (ms per image), peak RSS MiB; A/B: ms per image at N={first['images']} over this",
+                 "", f"{run['seconds']:.1f} s ({per_image * 1000:.2f} ms), {run['rss_mib']:.0f} MiB",
+                 f"{first_per_image / per_image:.2f}x", "~1x (linear)" if run is not first else ""))
+    return rows
+
+
+def table(setups: list[Setup], r: dict) -> str:
+    """The markdown table of the results `r` (label -> result; see `schedule`): each input size's
+    rows, then the shared ones."""
+    rows = [("Measure", "A: baseline", "B: ours", "A/B", "Target")]
+    for setup in setups:
+        suffix = f"@{setup.image_size}"
+        rows += size_rows(setup, {label.removesuffix(suffix): v for label, v in r.items() if label.endswith(suffix)})
+    rows += shared_rows(setups[0], r)
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
 
+def scale_names(setup: Setup) -> list[str]:
+    return [f"scale_{n}" for n in setup.scale_sizes]
+
+
 # Pieces that caption with the model the "ours" piece trains and saves.
 NEEDS_MODEL = ("eval_seed_single", "eval_single", "eval_batched", "eval_beam_single", "eval_beam_batched")
 
 
-def pieces(paths: Paths, setup: Setup) -> dict:
-    """Every piece, in the order they run."""
+def sized_pieces(paths: Paths, setup: Setup) -> dict:
+    """The pieces that run once per input size, at `setup.image_size`, in the order they run."""
     return {
-        "imports_only": (run_imports_only, paths, setup),
         "seed_style": (run_seed_style, paths, setup),
         "ours": (run_ours, paths, setup, setup.n_train, setup.image_size, 0, True),  # saves the eval model
         "ours_cpi1": (run_ours, paths, setup, setup.n_train, setup.image_size, 1),
         "ours_cached": (run_ours_cached, paths, setup),
-        "resize_single": (run_resize_single, paths, setup),
-        "resize_ours": (run_resize_ours, paths, setup),
         "eval_seed_single": (run_caption_seed_style, paths, setup),
         "eval_single": (run_caption, paths, setup, 1),
         "eval_batched": (run_caption, paths, setup, setup.eval_batch),
         "eval_beam_single": (run_caption, paths, setup, 1, setup.beam_size),
         "eval_beam_batched": (run_caption, paths, setup, setup.eval_batch, setup.beam_size),
-        "scale_n": (run_ours, paths, setup, setup.n_train, setup.scale_image_size),
-        "scale_4n": (run_ours, paths, setup, 4 * setup.n_train, setup.scale_image_size),
     }
 
 
-def measure(paths: Paths, setup: Setup, names: list[str], attempts: int, max_wait: float) -> dict:
-    """The named pieces, each in its own process, in the fixed order."""
-    return {name: measured(name, piece, attempts, max_wait) for name, piece in pieces(paths, setup).items()
-            if name in names}
+def shared_pieces(paths: Paths, setup: Setup) -> dict:
+    """The pieces that do not depend on the input size: they run once."""
+    return {
+        "imports_only": (run_imports_only, paths, setup),
+        "resize_single": (run_resize_single, paths, setup),
+        "resize_ours": (run_resize_ours, paths, setup),
+        **{name: (run_ours, paths, setup, n, setup.scale_image_size)
+           for name, n in zip(scale_names(setup), setup.scale_sizes)},
+    }
+
+
+def schedule(paths: Paths, setups: list[Setup], names: list[str]) -> dict:
+    """label -> piece for the named pieces, in the order they run: the import-only process, each
+    input size's pieces (labelled name@size), then resize and scaling."""
+    shared = {name: piece for name, piece in shared_pieces(paths, setups[0]).items() if name in names}
+    plan = {name: shared.pop(name) for name in ("imports_only",) if name in shared}
+    for setup in setups:
+        plan.update({f"{name}@{setup.image_size}": piece for name, piece in sized_pieces(paths, setup).items()
+                     if name in names})
+    return {**plan, **shared}
 
 
 def warm_file_cache(paths: Paths, n: int) -> None:
@@ -633,16 +679,22 @@ def warm_file_cache(paths: Paths, n: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-train", type=int, default=Setup.n_train, help="N: train images of the epoch runs")
-    parser.add_argument("--image-size", type=int, default=Setup.image_size)
+    parser.add_argument("--image-sizes", default=",".join(map(str, IMAGE_SIZES)),
+                        help="network input sides of the epoch and captioning comparisons, comma-separated")
+    parser.add_argument("--n-test", type=int, default=Setup.n_test, help="test images of the captioning runs")
+    parser.add_argument("--scale-sizes", default=",".join(map(str, Setup.scale_sizes)),
+                        help="train images of the scaling runs, comma-separated")
     parser.add_argument("--num-workers", type=int, default=Setup.num_workers, help="DataLoader workers, both loops")
     parser.add_argument("--attempts", type=int, default=2, help="runs of a piece while other processes use the CPU")
     parser.add_argument("--max-wait", type=float, default=60, help="seconds to wait for a quiet machine per run")
     parser.add_argument("--only", help="comma-separated pieces to run (default: all), e.g. "
                                        "eval_beam_single,eval_beam_batched; a captioning piece brings `ours`")
     args = parser.parse_args(argv)
-    setup = dataclasses.replace(Setup(), n_train=args.n_train, image_size=args.image_size,
+    setup = dataclasses.replace(Setup(), n_train=args.n_train, n_test=args.n_test,
+                                scale_sizes=tuple(int(n) for n in args.scale_sizes.split(",")),
                                 num_workers=args.num_workers)
-    every = list(pieces(Paths(Path()), setup))
+    setups = [dataclasses.replace(setup, image_size=int(size)) for size in args.image_sizes.split(",")]
+    every = [*sized_pieces(Paths(Path()), setup), *shared_pieces(Paths(Path()), setup)]
     names = every if not args.only else args.only.split(",")
     unknown = set(names) - set(every)
     if unknown:
@@ -652,14 +704,16 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="caption-bench-") as tmp:
         paths = Paths(Path(tmp))
-        prepare_data(paths, setup, scaling="scale_4n" in names)
-        print(f"[bench] data ready in {time.perf_counter() - started:.0f} s: {setup}", flush=True)
+        prepare_data(paths, setup, scaling=bool(set(names) & set(scale_names(setup))))
+        print(f"[bench] data ready in {time.perf_counter() - started:.0f} s: {setup}, "
+              f"input sides {args.image_sizes} px", flush=True)
         warm_file_cache(paths, setup.n_train)
-        results = measure(paths, setup, names, args.attempts, args.max_wait)
+        results = {label: measured(label, piece, args.attempts, args.max_wait)
+                   for label, piece in schedule(paths, setups, names).items()}
     print(f"\n[bench] total {time.perf_counter() - started:.0f} s\n")
     print(f"Machine: {machine()}\n")
     print(contention(results))
-    print(table(setup, results))
+    print(table(setups, results))
 
 
 if __name__ == "__main__":
