@@ -6,6 +6,7 @@ import argparse
 
 import mlflow
 
+from captioning import accel
 from captioning.checkpoint import load_checkpoint
 from captioning.datasets import read_split
 from captioning.io import write_json_atomic, write_text_atomic
@@ -19,14 +20,16 @@ from captioning.tracking import experiment_id, reopen_run
 
 
 def main(args: argparse.Namespace) -> None:
-    params = load_params(args.params).evaluate
+    all_params = load_params(args.params)
+    params = all_params.evaluate
     model, vocab, _ = load_checkpoint(args.checkpoint, expect_vocab=Vocabulary.load(args.vocab))
     split = read_split(args.data, "test", images_root=args.images)
     records = [r for r in split.images if split.captions[r["id"]]]
     device = pick_device(params.device)
+    accel.setup(device, all_params.train.deterministic)
     captions = caption_images(model, vocab, [split.image_path(r) for r in records], device,
-                              params.batch_size, params.num_workers,
-                              beam_size=params.beam_size, length_penalty=params.length_penalty)
+                              params.batch_size, params.num_workers, beam_size=params.beam_size,
+                              length_penalty=params.length_penalty, bf16=all_params.train.bf16)
     hypotheses = {r["id"]: c for r, c in zip(records, captions)}
     scores = coco_scores(split.captions, hypotheses)
     scenes = {r["id"]: r["scene"] for r in records if "scene" in r}

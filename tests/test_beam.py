@@ -64,6 +64,16 @@ def test_generate_with_beam_1_gives_greedy_ids_from_images():
     assert beam.shape[0] == 6 and 1 <= beam.shape[1] <= SMALL.max_seq_len
 
 
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_bf16_switch_changes_nothing_on_cpu(beam_size):
+    # The evaluate stage passes train.bf16 (default true); on a CPU the result must be float32's.
+    torch.manual_seed(1)
+    model = Captioner.build(SMALL, vocab_size=13).eval()
+    images = torch.randn(6, 3, 32, 32)
+    assert torch.equal(model.generate(images, END, beam_size, 0.5, bf16=True),
+                       model.generate(images, END, beam_size, 0.5, bf16=False))
+
+
 @pytest.mark.parametrize("beam_size, length_penalty", [(3, 0.0), (4, 1.0)])
 def test_batching_does_not_change_beam_search(beam_size, length_penalty):
     decoder = random_decoder(3)

@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from captioning import accel
 from captioning.params import ModelParams
 
 
@@ -257,10 +258,13 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, end_id: int, beam_size: int = 1,
-                 length_penalty: float = 0.0) -> torch.Tensor:
+                 length_penalty: float = 0.0, bf16: bool = False) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, L) ids: greedy for `beam_size` 1 (the same ids, less
-        bookkeeping), else `Decoder.beam_search`."""
-        features = self.encoder(images)  # (B, E)
+        bookkeeping), else `Decoder.beam_search`. `bf16`: the encoder under bf16 autocast on CUDA
+        (as in training); the decoder stays in float32, since beam scores add up many log-probs."""
+        with accel.autocast(images.device, bf16):
+            features = self.encoder(images)  # (B, E)
+        features = features.float()
         if beam_size == 1:
             return self.decoder.greedy(features, end_id)
         return self.decoder.beam_search(features, end_id, beam_size, length_penalty)[0]

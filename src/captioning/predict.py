@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from captioning import accel
 from captioning.data import ImageDataset
 from captioning.images import EvalTransform
 from captioning.model import Captioner
@@ -36,15 +37,21 @@ def decoding_params(trained_params: dict) -> tuple[int, float]:
 @torch.no_grad()
 def caption_images(model: Captioner, vocab: Vocabulary, paths: list, device: torch.device,
                    batch_size: int = 64, num_workers: int = 0, progress: bool = True,
-                   beam_size: int = 1, length_penalty: float = 0.0) -> list[str]:
-    """One caption per image path, in order: greedy for `beam_size` 1, else beam search."""
+                   beam_size: int = 1, length_penalty: float = 0.0, bf16: bool = False) -> list[str]:
+    """One caption per image path, in order: greedy for `beam_size` 1, else beam search.
+
+    On CUDA the CNN runs channels_last, and with `bf16` under bf16 autocast (the train stage's
+    `train.bf16`); elsewhere both are no-ops, so CPU captions do not depend on them.
+    """
     model.eval().to(device)
+    accel.channels_last(model.encoder.backbone, device)
     dataset = ImageDataset(paths, EvalTransform(model.config["image_size"]))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     captions: list[str] = [""] * len(dataset)
     for images, index in tqdm(loader, desc="caption", unit="batch", disable=not progress):
-        ids = model.generate(images.to(device, non_blocking=True), vocab.end_id, beam_size, length_penalty).cpu()
+        images = accel.channels_last(images.to(device, non_blocking=True), device)
+        ids = model.generate(images, vocab.end_id, beam_size, length_penalty, bf16).cpu()
         for row, i in zip(ids.tolist(), index.tolist()):
             captions[i] = vocab.decode(row)
     return captions
