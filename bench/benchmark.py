@@ -3,6 +3,8 @@
     python bench/benchmark.py            # ~11 min on 2 idle CPU cores; prints a markdown table last
     python bench/benchmark.py --image-sizes 64 --scale-sizes 600,2400   # other input sides, shorter scaling
     python bench/benchmark.py --only eval_beam_single,eval_beam_batched   # some pieces (and what they need)
+    python bench/benchmark.py --device cuda --backbone resnet152 --bf16 --image-sizes 224 \
+        --num-workers 8 --n-train 2000 --scale-sizes 2000,8000          # the seed's configuration on a GPU
 
 Measured (each piece in its own freshly spawned process, so one piece's caches, threads and
 memory never flatter or burden the next, and its peak RSS is its own):
@@ -53,7 +55,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from captioning import features
+from captioning import accel, features
 from captioning.datasets import SPLITS, Split, images_dir, read_split, write_synthetic
 from captioning.images import EvalTransform, TrainTransform, resize_all
 from captioning.model import Captioner
@@ -88,9 +90,21 @@ class Setup:
     beam_size: int = 3
     repeats: int = 3  # passes of the short pieces (resize, captioning); the fastest counts
     seed: int = 42
+    # Where the model pieces run. On CUDA both sides get the pipeline's process settings
+    # (`accel.setup`: cuDNN autotuning, TF32) and, with bf16, bf16 autocast, so that A/B still
+    # compares loops, not precisions; ours adds channels_last for the CNN, as the pipeline does.
+    device: str = "cpu"
+    backbone: str = "resnet18"
+    bf16: bool = False
+
+    def torch_device(self) -> torch.device:
+        """The device, with the pipeline's process-wide settings for it applied."""
+        device = torch.device(self.device)
+        accel.setup(device, deterministic=False)
+        return device
 
     def model_params(self, image_size: int | None = None) -> ModelParams:
-        return ModelParams(backbone="resnet18", pretrained=False, train_backbone=False,
+        return ModelParams(backbone=self.backbone, pretrained=False, train_backbone=False,
                            image_size=image_size or self.image_size, embed_size=self.embed_size,
                            hidden_size=self.hidden_size)
 
@@ -98,7 +112,8 @@ class Setup:
         # log_every=1: fit then reads the loss every step, exactly as the seed's loop does.
         return TrainParams(epochs=1, batch_size=self.batch_captions, captions_per_image=captions_per_image,
                            lr=self.lr, log_every=1, checkpoint_every=10**9, hflip=False, random_crop=True,
-                           select_metric="val_loss", num_workers=self.num_workers, device="cpu")
+                           select_metric="val_loss", num_workers=self.num_workers, device=self.device,
+                           bf16=self.bf16)
 
 
 @dataclass(frozen=True)
@@ -294,11 +309,13 @@ def seed_collate(batch):
 
 
 def new_model(setup: Setup, vocab: Vocabulary, image_size: int) -> Captioner:
+    """A fresh model on the benchmark's device, its CNN warmed up."""
     # The same torch seed on both sides: identical initial weights.
     torch.manual_seed(setup.seed)
-    model = Captioner.build(setup.model_params(image_size), len(vocab))
-    with torch.no_grad():  # first-call costs (oneDNN kernel choice) out of the timed epoch
-        model.eval().encoder(torch.zeros(2, 3, image_size, image_size))
+    device = setup.torch_device()
+    model = Captioner.build(setup.model_params(image_size), len(vocab)).to(device)
+    with torch.no_grad():  # first-call costs (oneDNN / cuDNN kernel choice) out of the timed epoch
+        model.eval().encoder(torch.zeros(2, 3, image_size, image_size, device=device))
     return model
 
 
@@ -306,6 +323,7 @@ def run_seed_style(paths: Paths, setup: Setup) -> dict:
     vocab = Vocabulary.load(paths.vocab)
     split = train_subset(paths, setup.n_train)
     model = new_model(setup, vocab, setup.image_size)
+    device = setup.torch_device()
     transform = TrainTransform(setup.image_size, random_crop=True, hflip=False)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=setup.lr)
     criterion = nn.CrossEntropyLoss()
@@ -315,11 +333,13 @@ def run_seed_style(paths: Paths, setup: Setup) -> dict:
     model.train()  # the frozen backbone stays in eval mode (Encoder.train)
     losses = []
     for images, captions, lengths in loader:
+        images, captions = images.to(device), captions.to(device)
         targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-        with torch.no_grad():
-            pooled = model.encoder.pooled(images)  # once per caption: the seed's cost
-        features = model.encoder.head(pooled)
-        loss = criterion(model.decoder(features, captions, torch.tensor(lengths)), targets)
+        with accel.autocast(device, setup.bf16):
+            with torch.no_grad():
+                pooled = model.encoder.pooled(images)  # once per caption: the seed's cost
+            features = model.encoder.head(pooled)
+            loss = criterion(model.decoder(features, captions, torch.tensor(lengths)), targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -355,7 +375,7 @@ def run_ours(paths: Paths, setup: Setup, n_train: int, image_size: int, captions
     clock = StepClock()
     watch = Stopwatch()  # includes fit's up-front caption tokenization
     result = fit(model, vocab, split, val, setup.model_params(image_size), setup.train_params(captions_per_image),
-                 setup.seed, torch.device("cpu"), clock)
+                 setup.seed, setup.torch_device(), clock)
     if save_model:
         torch.save({"config": model.config, "state": result.best_state}, paths.model(image_size))
     last = clock.losses[-LAST_STEPS:]
@@ -373,16 +393,17 @@ def run_ours_cached(paths: Paths, setup: Setup) -> dict:
     model = new_model(setup, vocab, setup.image_size)
     extraction = Stopwatch()
     cached = tuple(features.extract(model.encoder.backbone, [s.image_path(r) for r in s.images],
-                                    image_size=setup.image_size, device=torch.device("cpu"),
-                                    num_workers=setup.num_workers, desc="bench features")
+                                    image_size=setup.image_size, device=setup.torch_device(),
+                                    num_workers=setup.num_workers, bf16=setup.bf16, desc="bench features")
                    for s in (split, val))
     extract_seconds = extraction.stop()["seconds"]
     clock = StepClock()
     watch = Stopwatch()
     fit(model, vocab, split, val, setup.model_params(), setup.train_params(), setup.seed,
-        torch.device("cpu"), clock, features=cached)
+        setup.torch_device(), clock, features=cached)
     last = clock.losses[-LAST_STEPS:]
-    return {**watch.stop(end=clock.times[-1]), "extract_seconds": extract_seconds, "steps": len(clock.losses),
+    return {**watch.stop(end=clock.times[-1]), "extract_seconds": extract_seconds,
+            "extracted": sum(len(c) for c in cached), "steps": len(clock.losses),
             "images": len(split.images), "captions": sum(len(c) for c in split.captions.values()),
             "final_loss": sum(last) / len(last)}
 
@@ -431,12 +452,12 @@ def run_caption(paths: Paths, setup: Setup, batch_size: int, beam_size: int = 1)
     model.load_state_dict(saved["state"])
     test = read_split(paths.raw, "test", images_root=paths.images)
     image_paths = [test.image_path(r) for r in test.images]
-    cpu = torch.device("cpu")
-    decoding = {"beam_size": beam_size, "length_penalty": EvaluateParams.length_penalty}
-    caption_images(model, vocab, image_paths[:2], cpu, batch_size=2, progress=False, **decoding)  # warm-up
+    device = setup.torch_device()
+    decoding = {"beam_size": beam_size, "length_penalty": EvaluateParams.length_penalty, "bf16": setup.bf16}
+    caption_images(model, vocab, image_paths[:2], device, batch_size=2, progress=False, **decoding)  # warm-up
     return best_of(setup.repeats, lambda: {
         "images": len(image_paths),
-        "captions": caption_images(model, vocab, image_paths, cpu, batch_size=batch_size, progress=False,
+        "captions": caption_images(model, vocab, image_paths, device, batch_size=batch_size, progress=False,
                                    **decoding)})
 
 
@@ -459,23 +480,22 @@ def run_caption_seed_style(paths: Paths, setup: Setup) -> dict:
     saved = torch.load(paths.model(setup.image_size), map_location="cpu", weights_only=True)
     model = Captioner(saved["config"])
     model.load_state_dict(saved["state"])
-    model.eval()
+    device = setup.torch_device()
+    model.eval().to(device)
     test = read_split(paths.raw, "test", images_root=paths.images)
     image_paths = [test.image_path(r) for r in test.images]
     transform = EvalTransform(model.config["image_size"])
 
-    def caption_all() -> dict:
-        captions = []
-        with torch.no_grad():
-            for path in image_paths:
-                image = transform(Image.open(path).convert("RGB")).unsqueeze(0)
-                ids = seed_sample(model.decoder, model.encoder(image))[0].tolist()
-                captions.append(vocab.decode(ids))
-        return {"images": len(image_paths), "captions": captions}
+    @torch.no_grad()
+    def caption_one(path: Path) -> str:
+        image = transform(Image.open(path).convert("RGB")).unsqueeze(0).to(device)
+        with accel.autocast(device, setup.bf16):  # as `Captioner.generate`: the CNN only
+            features = model.encoder(image)
+        return vocab.decode(seed_sample(model.decoder, features.float())[0].tolist())
 
-    with torch.no_grad():  # warm-up, as for ours
-        seed_sample(model.decoder, model.encoder(transform(Image.open(image_paths[0]).convert("RGB")).unsqueeze(0)))
-    return best_of(setup.repeats, caption_all)
+    caption_one(image_paths[0])  # warm-up, as for ours
+    return best_of(setup.repeats, lambda: {"images": len(image_paths),
+                                           "captions": [caption_one(path) for path in image_paths]})
 
 
 def run_imports_only(paths: Paths, setup: Setup) -> dict:
@@ -497,8 +517,9 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine() -> str:
-    return (f"{len(os.sched_getaffinity(0))} CPUs usable ({os.cpu_count()} online), {cpu_model()}; "
+def machine(device: str) -> str:
+    gpu = f"{torch.cuda.get_device_name(torch.device(device))}; " if device.startswith("cuda") else ""
+    return (f"{gpu}{len(os.sched_getaffinity(0))} CPUs usable ({os.cpu_count()} online), {cpu_model()}; "
             f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), Pillow {PIL.__version__}, "
             f"Python {platform.python_version()}; {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
 
@@ -523,11 +544,13 @@ def size_rows(setup: Setup, r: dict) -> list[tuple[str, ...]]:
         seed, ours = r["seed_style"], r["ours"]
         epoch_ratio = seed["seconds"] / ours["seconds"]
         rows += [
-            (f"Train epoch, s ({seed['images']} images, {seed['captions']} captions, frozen resnet18); "
+            (f"Train epoch, s ({seed['images']} images, {seed['captions']} captions, frozen {setup.backbone}); "
              "A seed-style loop, B `fit`", f"{seed['seconds']:.1f}", f"{ours['seconds']:.1f}", f"{epoch_ratio:.2f}x",
              verdict(epoch_ratio, 5)),
             ("Train throughput, images/s", f"{seed['images'] / seed['seconds']:.1f}",
              f"{ours['images'] / ours['seconds']:.1f}", f"{epoch_ratio:.2f}x", ""),
+            ("Train steps/s", f"{seed['steps'] / seed['seconds']:.2f}", f"{ours['steps'] / ours['seconds']:.2f}",
+             "", ""),
             ("Train steps per epoch (captions per step: 128 vs ~130)", str(seed["steps"]), str(ours["steps"]), "", ""),
             (f"Final train loss (mean of last {LAST_STEPS} steps)", f"{seed['final_loss']:.3f}",
              f"{ours['final_loss']:.3f}", "", "comparable"),
@@ -544,8 +567,10 @@ def size_rows(setup: Setup, r: dict) -> list[tuple[str, ...]]:
              f"{seed['seconds']:.1f}", f"{cached['seconds']:.1f}", f"{ratio:.2f}x", verdict(ratio, 5)),
             ("Final train loss of B on cached features (mean of last steps)", f"{seed['final_loss']:.3f}",
              f"{cached['final_loss']:.3f}", "", "comparable"),
-            (f"One-off feature extraction of B, s ({cached['images']} train + val images, once per image)",
+            (f"One-off feature extraction of B, s ({cached['extracted']} train + val images, once per image)",
              "", f"{cached['extract_seconds']:.1f}", f"{with_extraction:.2f}x incl. it", ""),
+            ("Feature extraction of B, images/s (JPEG decoding in the DataLoader included)", "",
+             f"{cached['extracted'] / cached['extract_seconds']:.1f}", "", ""),
         ]
     if {"seed_style", "ours_cpi1"} <= r.keys():
         seed, ours1 = r["seed_style"], r["ours_cpi1"]
@@ -685,6 +710,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale-sizes", default=",".join(map(str, Setup.scale_sizes)),
                         help="train images of the scaling runs, comma-separated")
     parser.add_argument("--num-workers", type=int, default=Setup.num_workers, help="DataLoader workers, both loops")
+    parser.add_argument("--device", default=Setup.device, help="where the model pieces run: cpu | cuda")
+    parser.add_argument("--backbone", default=Setup.backbone, help="the frozen torchvision ResNet, e.g. resnet152")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA, both sides (no-op on CPU)")
     parser.add_argument("--attempts", type=int, default=2, help="runs of a piece while other processes use the CPU")
     parser.add_argument("--max-wait", type=float, default=60, help="seconds to wait for a quiet machine per run")
     parser.add_argument("--only", help="comma-separated pieces to run (default: all), e.g. "
@@ -692,7 +720,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup = dataclasses.replace(Setup(), n_train=args.n_train, n_test=args.n_test,
                                 scale_sizes=tuple(int(n) for n in args.scale_sizes.split(",")),
-                                num_workers=args.num_workers)
+                                num_workers=args.num_workers, device=args.device, backbone=args.backbone,
+                                bf16=args.bf16)
     setups = [dataclasses.replace(setup, image_size=int(size)) for size in args.image_sizes.split(",")]
     every = [*sized_pieces(Paths(Path()), setup), *shared_pieces(Paths(Path()), setup)]
     names = every if not args.only else args.only.split(",")
@@ -711,7 +740,7 @@ def main(argv: list[str] | None = None) -> None:
         results = {label: measured(label, piece, args.attempts, args.max_wait)
                    for label, piece in schedule(paths, setups, names).items()}
     print(f"\n[bench] total {time.perf_counter() - started:.0f} s\n")
-    print(f"Machine: {machine()}\n")
+    print(f"Machine: {machine(setup.device)}\n")
     print(contention(results))
     print(table(setups, results))
 
