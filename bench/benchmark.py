@@ -78,7 +78,7 @@ class Setup:
 
     n_train: int = 600
     n_test: int = 100  # images captioned in the evaluation comparison
-    image_size: int = 224  # network input side of the epoch and captioning comparisons (one of IMAGE_SIZES)
+    image_size: int = IMAGE_SIZES[0]  # network input side of the epoch and captioning comparisons
     scale_image_size: int = 32  # smaller for the scaling runs, to keep them short
     scale_sizes: tuple[int, ...] = (1000, 3000, 10000)  # train images of the scaling runs
     batch_captions: int = 128  # captions per step, the seed's batch size
