@@ -59,8 +59,8 @@ from captioning import accel, features
 from captioning.datasets import SPLITS, Split, images_dir, read_split, write_synthetic
 from captioning.images import EvalTransform, TrainTransform, resize_all
 from captioning.model import Captioner
-from captioning.params import DataParams, EvaluateParams, ModelParams, TrainParams
-from captioning.predict import caption_images
+from captioning.params import ComputeParams, DataParams, EvaluateParams, ModelParams, TrainParams
+from captioning.predict import Decoding, caption_images
 from captioning.text import Vocabulary, tokenize
 from captioning.training import fit, trainable_parameters
 
@@ -112,8 +112,10 @@ class Setup:
         # log_every=1: fit then reads the loss every step, exactly as the seed's loop does.
         return TrainParams(epochs=1, batch_size=self.batch_captions, captions_per_image=captions_per_image,
                            lr=self.lr, log_every=1, checkpoint_every=10**9, hflip=False, random_crop=True,
-                           select_metric="val_loss", num_workers=self.num_workers, device=self.device,
-                           bf16=self.bf16)
+                           select_metric="val_loss")
+
+    def compute_params(self) -> ComputeParams:
+        return ComputeParams(device=self.device, num_workers=self.num_workers, bf16=self.bf16)
 
 
 @dataclass(frozen=True)
@@ -375,7 +377,7 @@ def run_ours(paths: Paths, setup: Setup, n_train: int, image_size: int, captions
     clock = StepClock()
     watch = Stopwatch()  # includes fit's up-front caption tokenization
     result = fit(model, vocab, split, val, setup.model_params(image_size), setup.train_params(captions_per_image),
-                 setup.seed, setup.torch_device(), clock)
+                 setup.seed, setup.torch_device(), clock, compute=setup.compute_params())
     if save_model:
         torch.save({"config": model.config, "state": result.best_state}, paths.model(image_size))
     last = clock.losses[-LAST_STEPS:]
@@ -400,7 +402,7 @@ def run_ours_cached(paths: Paths, setup: Setup) -> dict:
     clock = StepClock()
     watch = Stopwatch()
     fit(model, vocab, split, val, setup.model_params(), setup.train_params(), setup.seed,
-        setup.torch_device(), clock, features=cached)
+        setup.torch_device(), clock, features=cached, compute=setup.compute_params())
     last = clock.losses[-LAST_STEPS:]
     return {**watch.stop(end=clock.times[-1]), "extract_seconds": extract_seconds,
             "extracted": sum(len(c) for c in cached), "steps": len(clock.losses),
@@ -453,12 +455,12 @@ def run_caption(paths: Paths, setup: Setup, batch_size: int, beam_size: int = 1)
     test = read_split(paths.raw, "test", images_root=paths.images)
     image_paths = [test.image_path(r) for r in test.images]
     device = setup.torch_device()
-    decoding = {"beam_size": beam_size, "length_penalty": EvaluateParams.length_penalty, "bf16": setup.bf16}
-    caption_images(model, vocab, image_paths[:2], device, batch_size=2, progress=False, **decoding)  # warm-up
+    decoding = Decoding(beam_size, EvaluateParams.length_penalty, setup.bf16)
+    caption_images(model, vocab, image_paths[:2], device, decoding, batch_size=2, progress=False)  # warm-up
     return best_of(setup.repeats, lambda: {
         "images": len(image_paths),
-        "captions": caption_images(model, vocab, image_paths, device, batch_size=batch_size, progress=False,
-                                   **decoding)})
+        "captions": caption_images(model, vocab, image_paths, device, decoding, batch_size=batch_size,
+                                   progress=False)})
 
 
 def seed_sample(decoder, features: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ import torch
 from captioning.datasets import SPLITS, images_dir, read_split, write_synthetic
 from captioning.images import resize_all
 from captioning.model import Captioner
-from captioning.params import DataParams, ModelParams, TrainParams, load_params
+from captioning.params import ComputeParams, DataParams, ModelParams, TrainParams, load_params
 from captioning.text import Vocabulary
 from captioning.training import fit
 
@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     model_params = dataclasses.replace(repo.model, pretrained=False, weights_path="", image_size=args.image_size)
     train_params = dataclasses.replace(repo.train, epochs=args.epochs, batch_size=args.batch_size,
                                        log_every=1, checkpoint_every=10**9, patience=0,
-                                       num_workers=args.num_workers, device="cpu")
+                                       )
+    compute = ComputeParams(device="cpu", num_workers=args.num_workers)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="caption-long-run-") as tmp:
         root = Path(tmp)
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         probe = EpochProbe()
         print(f"[long-run] data ready in {time.perf_counter() - started:.0f} s; training {args.epochs} epochs "
               f"of {len(train.images)} images", flush=True)
-        result = fit(model, vocab, train, val, model_params, train_params, args.seed, torch.device("cpu"), probe)
+        result = fit(model, vocab, train, val, model_params, train_params, args.seed, torch.device("cpu"), probe,
+                     compute=compute)
     print(f"\n[long-run] {result.steps} steps in {result.seconds:.0f} s; total {time.perf_counter() - started:.0f} s")
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs; "
           f"model {model_params}; train {train_params}\n")

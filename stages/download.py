@@ -14,9 +14,11 @@ from captioning.download import DownloadError
 from captioning.io import atomic_path
 from captioning.params import load_params
 
+PARAMS = ("seed", "data")
+
 
 def main(params_path: str, out: str, downloads: str) -> None:
-    params = load_params(params_path)
+    params = load_params(params_path, PARAMS)
     started = time.perf_counter()
     if params.data.source == "synthetic":
         with atomic_path(out) as tmp:

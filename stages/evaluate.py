@@ -1,8 +1,14 @@
-"""evaluate stage: caption the test split, score it the COCO way, write a gallery, log to MLflow."""
+"""evaluate stage: caption the test split, score it the COCO way, write a gallery, log to MLflow.
+
+It also records how it decoded (beside the checkpoint) and logs the model that decodes that way,
+so what is served is what was scored.
+"""
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
 import mlflow
 
@@ -12,24 +18,26 @@ from captioning.datasets import read_split
 from captioning.io import write_json_atomic, write_text_atomic
 from captioning.metrics import coco_scores, grounded_score
 from captioning.params import load_params
-from captioning.predict import caption_images, pick_device
+from captioning.predict import Decoding, caption_images
 from captioning.report import GalleryItem, gallery_html
+from captioning.serving import log_pyfunc, model_name
 from captioning.synthetic import mentioned_objects, scene_objects
 from captioning.text import Vocabulary
-from captioning.tracking import experiment_id, reopen_run
+from captioning.tracking import changed_params, describe_changes, evaluation_run, tracking_uri, write_run_info
+
+PARAMS = ("evaluate", "compute")
 
 
 def main(args: argparse.Namespace) -> None:
-    all_params = load_params(args.params)
-    params = all_params.evaluate
+    params = load_params(args.params, PARAMS)
+    settings = params.evaluate
     model, vocab, _ = load_checkpoint(args.checkpoint, expect_vocab=Vocabulary.load(args.vocab))
     split = read_split(args.data, "test", images_root=args.images)
     records = [r for r in split.images if split.captions[r["id"]]]
-    device = pick_device(params.device)
-    accel.setup(device, all_params.train.deterministic)
-    captions = caption_images(model, vocab, [split.image_path(r) for r in records], device,
-                              params.batch_size, params.num_workers, beam_size=params.beam_size,
-                              length_penalty=params.length_penalty, bf16=all_params.train.bf16)
+    device = accel.prepare(params.compute)
+    decoding = Decoding(settings.beam_size, settings.length_penalty, params.compute.bf16)
+    captions = caption_images(model, vocab, [split.image_path(r) for r in records], device, decoding,
+                              settings.batch_size, params.compute.num_workers)
     hypotheses = {r["id"]: c for r, c in zip(records, captions)}
     scores = coco_scores(split.captions, hypotheses)
     scenes = {r["id"]: r["scene"] for r in records if "scene" in r}
@@ -37,21 +45,35 @@ def main(args: argparse.Namespace) -> None:
         scores["grounded"] = grounded_score(scenes, hypotheses)
     scores = {k: round(v, 6) for k, v in scores.items()}
     write_json_atomic(args.metrics, scores)
+    decoding.save(args.decoding)
     results = [{"image_id": i, "caption": c} for i, c in hypotheses.items()]  # COCO results format
     write_json_atomic(args.captions, results)
     items = [GalleryItem(split.image_path(r), hypotheses[r["id"]], split.captions[r["id"]],
                          mentioned_objects(hypotheses[r["id"]]) == scene_objects(r["scene"]) if "scene" in r else None)
-             for r in records[: params.gallery_size]]
-    write_text_atomic(args.gallery, gallery_html(items, "Test captions", scores))
+             for r in records[: settings.gallery_size]]
+    title = f"Test captions ({decoding.describe()})"
+    write_text_atomic(args.gallery, gallery_html(items, title, scores))
 
-    experiment_id()
-    with reopen_run(args.run_info, "evaluate"):
+    run, trained_in = evaluation_run(args.params, args.train_run)
+    with run:
         mlflow.log_metrics({f"test_{k}": v for k, v in scores.items()})
-        mlflow.log_artifact(args.gallery, artifact_path="evaluate")
-        mlflow.log_artifact(args.captions, artifact_path="evaluate")
-    decoding = "greedy" if params.beam_size == 1 else f"beam {params.beam_size}, length penalty {params.length_penalty:g}"
+        with tempfile.TemporaryDirectory() as tmp:
+            # At the artifact root, where MLflow's compare view looks; this copy names its run.
+            about = {"run": f"{run.info.run_name} ({run.info.run_id})", "experiment": "captioning",
+                     "params": describe_changes(changed_params(args.params))}
+            gallery = Path(tmp) / "gallery.html"
+            gallery.write_text(gallery_html(items, title, scores, about))
+            mlflow.log_artifact(str(gallery))
+        mlflow.log_artifact(args.captions)
+        name = model_name(run.info.run_name)
+        logged = log_pyfunc(args.checkpoint, args.decoding, split.image_path(records[0]), name)
+        mlflow.set_tag("mlflow.note.content", (mlflow.get_run(run.info.run_id).data.tags.get("mlflow.note.content", "")
+                                               + "\n\ntest: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())).strip())
+        write_run_info(args.run_info, run, train_run_id=trained_in, model_uri=f"runs:/{run.info.run_id}/{name}",
+                       tracking_uri=tracking_uri(), logged_model_id=logged.model_id)
     print("evaluate: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-          + f" on {len(records)} test images ({decoding}) -> {args.metrics}")
+          + f" on {len(records)} test images ({decoding.describe()}) -> {args.metrics}; "
+          f"MLflow run {run.info.run_name} ({run.info.run_id})")
 
 
 if __name__ == "__main__":
@@ -61,8 +83,10 @@ if __name__ == "__main__":
     parser.add_argument("--vocab", required=True, help="the pipeline's vocabulary; must match the checkpoint's")
     parser.add_argument("--data", required=True, help="dataset folder (captions)")
     parser.add_argument("--images", required=True, help="resized images folder")
-    parser.add_argument("--run-info", required=True, help="train's record of the MLflow run")
+    parser.add_argument("--train-run", required=True, help="train's record of the MLflow run that trained the checkpoint")
     parser.add_argument("--metrics", required=True, help="metrics JSON to write")
+    parser.add_argument("--decoding", required=True, help="decoding settings JSON to write (read by caption and the MLflow model)")
     parser.add_argument("--captions", required=True, help="COCO results JSON to write")
     parser.add_argument("--gallery", required=True, help="HTML gallery to write")
+    parser.add_argument("--run-info", required=True, help="JSON to write: this experiment's MLflow run and model")
     main(parser.parse_args())

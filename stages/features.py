@@ -16,11 +16,13 @@ from captioning.datasets import SPLITS, read_split
 from captioning.io import atomic_path
 from captioning.model import backbone_from_state, trunk
 from captioning.params import load_params
-from captioning.predict import pick_device
+
+PARAMS = ("seed", "features", "model.backbone", "model.image_size", "model.train_backbone", "train.hflip",
+          "compute")
 
 
 def main(args: argparse.Namespace) -> None:
-    params = load_params(args.params)
+    params = load_params(args.params, PARAMS)
     started = time.perf_counter()
     with atomic_path(args.out) as tmp:
         tmp.mkdir(parents=True)
@@ -30,8 +32,7 @@ def main(args: argparse.Namespace) -> None:
             return
         state = torch.load(args.backbone, map_location="cpu", weights_only=True)
         cnn = trunk(backbone_from_state(params.model, state))
-        device, settings = pick_device(params.features.device), params.features
-        accel.setup(device, params.train.deterministic)
+        device, settings = accel.prepare(params.compute), params.features
         total = 0
         for split in SPLITS:
             data = read_split(args.data, split, images_root=args.images)
@@ -39,7 +40,7 @@ def main(args: argparse.Namespace) -> None:
             array = features.extract(
                 cnn, [data.image_path(r) for r in data.images], image_size=params.model.image_size,
                 device=device, views=views, hflip=params.train.hflip, seed=params.seed,
-                batch_size=settings.batch_size, num_workers=settings.num_workers, bf16=params.train.bf16,
+                batch_size=settings.batch_size, num_workers=params.compute.num_workers, bf16=params.compute.bf16,
                 desc=f"features {split}")
             features.write(tmp, split, [r["id"] for r in data.images], array,
                            {"backbone": params.model.backbone, "image_size": params.model.image_size})

@@ -11,15 +11,16 @@ from captioning.datasets import read_split
 from captioning.io import atomic_path, write_json_atomic
 from captioning.model import load_backbone
 from captioning.params import load_params
-from captioning.predict import pick_device
 from captioning.pretrain import build_concepts, pretrain_backbone
+
+PARAMS = ("seed", "pretrain", "model.backbone", "model.pretrained", "model.weights_path", "model.image_size",
+          "compute")
 
 
 def main(args: argparse.Namespace) -> None:
-    params = load_params(args.params)
+    params = load_params(args.params, PARAMS)
     torch.manual_seed(params.seed)
-    device = pick_device(params.train.device)
-    accel.setup(device, params.train.deterministic)
+    device = accel.prepare(params.compute)
     backbone = load_backbone(params.model)  # ImageNet weights when model.pretrained
     summary = {"pretrain_epochs": params.pretrain.epochs}
     if params.pretrain.epochs:
@@ -28,7 +29,7 @@ def main(args: argparse.Namespace) -> None:
         summary |= pretrain_backbone(
             backbone, split, concepts, image_size=params.model.image_size, epochs=params.pretrain.epochs,
             batch_size=params.pretrain.batch_size, lr=params.pretrain.lr, seed=params.seed,
-            device=device, num_workers=params.train.num_workers, bf16=params.train.bf16,
+            device=device, num_workers=params.compute.num_workers, bf16=params.compute.bf16,
             schedule=params.pretrain.schedule)
     # The head is task-specific; the captioner gets the feature layers only.
     state = {k: v.cpu() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}

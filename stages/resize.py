@@ -20,9 +20,11 @@ from captioning.images import BadImageError, resize_all
 from captioning.io import atomic_path, write_json_atomic
 from captioning.params import load_params
 
+PARAMS = ("resize", "data.on_bad_image")
+
 
 def main(params_path: str, data: str, out: str) -> None:
-    all_params = load_params(params_path)
+    all_params = load_params(params_path, PARAMS)
     params, policy = all_params.resize, all_params.data.on_bad_image
     started = time.perf_counter()
     total, report = 0, {"on_bad_image": policy, "counts": {}, "skipped": {}, "without_caption": {}, "empty_captions": {}}

@@ -20,11 +20,12 @@ from captioning.datasets import read_split
 from captioning.io import write_json_atomic, write_text_atomic
 from captioning.model import Captioner
 from captioning.params import load_params
-from captioning.predict import pick_device
-from captioning.serving import log_pyfunc
 from captioning.text import Vocabulary
-from captioning.tracking import MetricLogger, experiment_id, flatten, run_name, run_tags, write_run_info
+from captioning.tracking import MetricLogger, flatten, start_pipeline_run, write_run_info
 from captioning.training import fit
+
+# What train depends on (dvc.yaml lists the same); the checkpoint stores exactly these.
+PARAMS = ("seed", "model", "features", "train", "compute")
 
 
 def val_key(name: str) -> str:
@@ -47,12 +48,10 @@ class Logs:
 
     def on_epoch(self, row: dict) -> None:
         self.epochs.append(row)
-        print("epoch {epoch}: val_loss {val_loss:.4f}, cider {cider:.3f}, bleu_4 {bleu_4:.3f}, "
-              "grounded {grounded:.3f}".format(**row), flush=True)
-        self.mlflow.log({val_key(k): v for k, v in row.items()
-                         # train_loss is already a per-step curve; NaN (no scenes) is not a score
-                         if k not in ("epoch", "best_epoch", "train_loss") and v == v},
-                        row["epoch"])
+        scores = {k: v for k, v in row.items() if k not in ("epoch", "best_epoch", "train_loss")}
+        print(f"epoch {row['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+        # train_loss is already a per-step curve
+        self.mlflow.log({val_key(k): v for k, v in scores.items()}, row["epoch"])
         self.mlflow.flush()
 
 
@@ -93,18 +92,20 @@ def relaunch_under_torchrun(processes: int) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    params = load_params(args.params)
+    params = load_params(args.params, PARAMS)
     here = accel.world()
     if params.train.processes > 1 and here.size == 1:
         relaunch_under_torchrun(params.train.processes)
     torch.manual_seed(params.seed)
-    device = pick_device(params.train.device)
-    accel.setup(device, params.train.deterministic)
+    device = accel.prepare(params.compute)
     here = accel.init_distributed(device)
     device = accel.device_for(device, here)
     vocab = Vocabulary.load(args.vocab)
     train_split = read_split(args.data, "train", images_root=args.images)
     val_split = read_split(args.data, "val", images_root=args.images)
+    if params.train.select_metric == "grounded" and not all("scene" in r for r in val_split.images):
+        raise SystemExit("train: train.select_metric is grounded, which needs the synthetic dataset's "
+                         "scenes; this dataset has none: pick cider, bleu_4 or val_loss")
     backbone_state = torch.load(args.backbone, map_location="cpu", weights_only=True)
     model = Captioner.build(params.model, len(vocab), backbone_state)
     cached = None
@@ -117,16 +118,14 @@ def main(args: argparse.Namespace) -> None:
 
     def train(callbacks):
         result = fit(model, vocab, train_split, val_split, params.model, params.train, params.seed,
-                     device, callbacks, resume_path=resume, features=cached, here=here)
+                     device, callbacks, resume_path=resume, features=cached, here=here, compute=params.compute)
         accel.leave_distributed()
         return result
 
     if not here.is_main:
         train(Quiet())
         return
-    mlflow.set_experiment(experiment_id=experiment_id())
-    with mlflow.start_run(run_name=run_name(), tags=run_tags("train")) as run:
-        mlflow.log_params(flatten(params.to_dict()))
+    with start_pipeline_run(args.params, "train") as run:
         logs = Logs(run.info.run_id, params.train.epochs)
         print(f"train: {sum(p.numel() for p in model.parameters()):,} parameters on {device}"
               f"{f' x {here.size} processes' if here.size > 1 else ''}, from "
@@ -140,13 +139,11 @@ def main(args: argparse.Namespace) -> None:
         write_csv(Path(args.plots) / "train_loss.csv", [
             {k: r[k] for k in ("step", "epoch", "loss", "perplexity")} for r in logs.steps])
         write_csv(Path(args.plots) / "val.csv", [
-            {k: r[k] for k in ("epoch", "train_loss", "val_loss", "cider", "bleu_4", "grounded")}
-            for r in logs.epochs])
+            {k: v for k, v in r.items() if k != "best_epoch"} for r in logs.epochs])
         logs.mlflow.flush()
         # Wall time goes to MLflow only: in the DVC metrics file it would differ run to run.
+        # The checkpoint is logged once, inside the model evaluate logs with its decoding.
         mlflow.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.seconds})
-        mlflow.log_artifact(args.checkpoint, artifact_path="checkpoint")
-        log_pyfunc(args.checkpoint, example_image=val_split.image_path(val_split.images[0]))
         write_run_info(args.run_info, run)
     resume.unlink(missing_ok=True)  # finished: a rerun must start afresh, not resume
     metric = params.train.select_metric
@@ -165,6 +162,6 @@ if __name__ == "__main__":
     parser.add_argument("--checkpoint", required=True, help="checkpoint to write")
     parser.add_argument("--metrics", required=True, help="train metrics JSON to write")
     parser.add_argument("--plots", required=True, help="folder for the loss/validation CSVs")
-    parser.add_argument("--run-info", required=True, help="JSON recording the MLflow run id")
+    parser.add_argument("--run-info", required=True, help="JSON to write: the MLflow run that trained the checkpoint")
     parser.add_argument("--resume-dir", required=True, help="where resume state lives (not a DVC output)")
     main(parser.parse_args())

@@ -8,9 +8,11 @@ from captioning.datasets import read_split
 from captioning.params import load_params
 from captioning.text import Vocabulary, tokenize
 
+PARAMS = ("vocab",)
+
 
 def main(params_path: str, data: str, out: str) -> None:
-    params = load_params(params_path).vocab
+    params = load_params(params_path, PARAMS).vocab
     split = read_split(data, "train")
     captions = [c for caps in split.captions.values() for c in caps]
     without = sum(not caps for caps in split.captions.values())

@@ -6,12 +6,8 @@ import math
 import pytest
 import torch
 
-from captioning.checkpoint import save_checkpoint
-from captioning.datasets import read_split
 from captioning.model import Captioner, Decoder
-from captioning.params import EvaluateParams, ModelParams
-from captioning.predict import decoding_params
-from captioning.text import Vocabulary
+from captioning.params import ModelParams
 
 END = 2
 SMALL = ModelParams(backbone="resnet18", image_size=32, embed_size=16, hidden_size=24, max_seq_len=9)
@@ -146,26 +142,3 @@ def test_length_penalty_trades_probability_for_length():
 def test_a_caption_that_never_ends_is_truncated_like_greedy():
     decoder = TableDecoder({0: {START: 1.0}, START: {A: 1.0}, A: {A: 1.0}}, max_seq_len=5)
     assert decoder.search(3) == ([START, A, A, A, A], pytest.approx(0.0, abs=1e-4))
-
-
-def test_caption_cli_beam_size(tiny_data, tmp_path, capsys):
-    from captioning.predict import main
-
-    train = read_split(tiny_data, "train")
-    vocab = Vocabulary.build([c for cs in train.captions.values() for c in cs], 1)
-    torch.manual_seed(0)
-    path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, Captioner.build(SMALL, len(vocab)).eval(), vocab, {"evaluate": {"beam_size": 2}})
-    images = [str(train.image_path(r)) for r in train.images[:3]]
-    main([*images, "--checkpoint", str(path), "--beam-size", "3"])
-    assert [line.split("\t")[0] for line in capsys.readouterr().out.strip().splitlines()] == images
-    with pytest.raises(SystemExit):
-        main([images[0], "--checkpoint", str(path), "--beam-size", "0"])
-    assert "--beam-size must be >= 1" in capsys.readouterr().err
-
-
-def test_cli_and_served_model_decode_as_the_checkpoints_evaluate_params():
-    assert decoding_params({"evaluate": {"beam_size": 4, "length_penalty": 0.5}}) == (4, 0.5)
-    # A checkpoint from before beam search decodes with today's defaults.
-    assert decoding_params({"evaluate": {"batch_size": 64}}) == (EvaluateParams.beam_size, EvaluateParams.length_penalty)
-    assert decoding_params({}) == (EvaluateParams.beam_size, EvaluateParams.length_penalty)

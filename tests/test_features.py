@@ -15,7 +15,7 @@ from captioning import features
 from captioning.datasets import read_split
 from captioning.images import EvalTransform, load_rgb
 from captioning.model import Captioner, trunk
-from captioning.params import ModelParams, TrainParams
+from captioning.params import ComputeParams, ModelParams, TrainParams
 from captioning.text import Vocabulary
 from captioning.training import fit
 
@@ -65,7 +65,7 @@ def test_training_from_cached_features_matches_training_from_the_images(tiny_dat
     train, val = read_split(tiny_data, "train"), read_split(tiny_data, "val")
     vocab = Vocabulary.build([c for cs in train.captions.values() for c in cs], 1)
     model_params = ModelParams(image_size=SIZE, embed_size=16, hidden_size=24, train_backbone=False)
-    params = TrainParams(epochs=2, batch_size=40, random_crop=False, num_workers=0, log_every=1)
+    params = TrainParams(epochs=2, batch_size=40, random_crop=False, log_every=1)
     cpu = torch.device("cpu")
     state = {k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items()
              if not k.startswith("fc.")}
@@ -74,7 +74,7 @@ def test_training_from_cached_features_matches_training_from_the_images(tiny_dat
         torch.manual_seed(3)
         model = Captioner.build(model_params, len(vocab), state)
         return fit(model, vocab, train, val, model_params, params, seed=5, device=cpu, callbacks=_Quiet(),
-                   features=cached)
+                   features=cached, compute=ComputeParams(num_workers=0))
 
     cnn = Captioner.build(model_params, len(vocab), state).encoder.backbone
     cached = tuple(features.extract(cnn, [s.image_path(r) for r in s.images], image_size=SIZE, device=cpu)

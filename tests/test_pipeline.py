@@ -21,8 +21,9 @@ TINY = {
     "resize": {"size": 64, "workers": 2},
     "model": {"image_size": 32, "embed_size": 16, "hidden_size": 24},
     "pretrain": {"epochs": 1, "batch_size": 16},
-    "train": {"epochs": 2, "batch_size": 40, "num_workers": 0, "log_every": 1},
-    "evaluate": {"num_workers": 0, "gallery_size": 4},
+    "train": {"epochs": 2, "batch_size": 40, "log_every": 1},
+    "evaluate": {"gallery_size": 4},
+    "compute": {"num_workers": 0},
 }
 
 

@@ -8,13 +8,14 @@ import torch
 from captioning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from captioning.datasets import read_split
 from captioning.model import Captioner
-from captioning.params import ModelParams, TrainParams
-from captioning.predict import caption_images
+from captioning.params import ComputeParams, ModelParams, TrainParams
+from captioning.predict import Decoding, caption_images
 from captioning.text import Vocabulary
 from captioning.training import fit
 
 MODEL = ModelParams(backbone="resnet18", image_size=32, embed_size=32, hidden_size=48)
-TRAIN = TrainParams(epochs=2, batch_size=40, lr=0.003, log_every=1, checkpoint_every=2, num_workers=0)
+TRAIN = TrainParams(epochs=2, batch_size=40, lr=0.003, log_every=1, checkpoint_every=2)
+INLINE = ComputeParams(num_workers=0)  # tiny images: worker processes would only add start-up
 
 
 class Recorder:
@@ -42,7 +43,7 @@ def test_fit_learns_and_reports_each_epoch(tiny_data):
     train, val, vocab, model = _setup(tiny_data)
     logs = Recorder()
     result = fit(model, vocab, train, val, MODEL, dataclasses.replace(TRAIN, epochs=5), 0,
-                 torch.device("cpu"), logs)
+                 torch.device("cpu"), logs, compute=INLINE)
     assert [r["epoch"] for r in logs.epochs] == [1, 2, 3, 4, 5]
     first, last = (sum(r["loss"] for r in rows) / 3 for rows in (logs.steps[:3], logs.steps[-3:]))
     assert last < first * 0.85  # 30 steps: the language model starts to form
@@ -55,15 +56,15 @@ def test_fit_learns_and_reports_each_epoch(tiny_data):
 
 def test_resume_after_a_kill_ends_with_identical_weights(tiny_data, tmp_path):
     train, val, vocab, model = _setup(tiny_data)
-    straight = fit(model, vocab, train, val, MODEL, TRAIN, 0, torch.device("cpu"), Recorder())
+    straight = fit(model, vocab, train, val, MODEL, TRAIN, 0, torch.device("cpu"), Recorder(), compute=INLINE)
 
     resume = tmp_path / "resume.pt"
     _, _, _, model = _setup(tiny_data)
     with pytest.raises(KeyboardInterrupt):  # killed mid-epoch 2, after the step-4 checkpoint
-        fit(model, vocab, train, val, MODEL, TRAIN, 0, torch.device("cpu"), Recorder(stop_at=5), resume)
+        fit(model, vocab, train, val, MODEL, TRAIN, 0, torch.device("cpu"), Recorder(stop_at=5), resume, compute=INLINE)
     assert resume.is_file()
     _, _, _, fresh = _setup(tiny_data)
-    resumed = fit(fresh, vocab, train, val, MODEL, TRAIN, 0, torch.device("cpu"), Recorder(), resume)
+    resumed = fit(fresh, vocab, train, val, MODEL, TRAIN, 0, torch.device("cpu"), Recorder(), resume, compute=INLINE)
     assert resumed.steps == straight.steps
     for key, value in straight.best_state.items():
         assert torch.equal(value, resumed.best_state[key]), key
@@ -79,8 +80,9 @@ def test_checkpoint_round_trip_is_self_describing(tiny_data, tmp_path):
     loaded, loaded_vocab, params = load_checkpoint(path)
     assert loaded_vocab == vocab and params == {"seed": 0}
     paths = [train.image_path(r) for r in train.images[:5]]
-    assert caption_images(model.eval(), vocab, paths, torch.device("cpu"), progress=False) == \
-        caption_images(loaded, loaded_vocab, paths, torch.device("cpu"), progress=False)
+    greedy = Decoding(beam_size=1)
+    assert caption_images(model.eval(), vocab, paths, torch.device("cpu"), greedy, progress=False) == \
+        caption_images(loaded, loaded_vocab, paths, torch.device("cpu"), greedy, progress=False)
 
 
 def test_missing_checkpoint_says_which_stage_makes_it(tmp_path):
@@ -93,7 +95,7 @@ def test_early_stopping_after_patience_epochs_without_improvement(tiny_data):
     logs = Recorder()
     # An untrained model names no object: grounded stays 0, so only epoch 1 counts as best.
     frozen = dataclasses.replace(TRAIN, epochs=6, lr=1e-12, patience=2, select_metric="grounded")
-    result = fit(model, vocab, train, val, MODEL, frozen, 0, torch.device("cpu"), logs)
+    result = fit(model, vocab, train, val, MODEL, frozen, 0, torch.device("cpu"), logs, compute=INLINE)
     assert len(logs.epochs) == 3  # epoch 1 sets the best; 2 and 3 do not beat it
     assert result.best_epoch == 1
 
@@ -106,6 +108,7 @@ def test_caption_cli_on_a_folder_of_mixed_modes(tiny_data, tmp_path, capsys):
     train, val, vocab, model = _setup(tiny_data)
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, model, vocab, {})
+    Decoding(beam_size=1).save(tmp_path / "decoding.json")  # what evaluate writes beside it
     folder = tmp_path / "photos"
     folder.mkdir()
     Image.open(train.image_path(train.images[0])).convert("RGBA").save(folder / "a.png")

@@ -1,5 +1,6 @@
-"""GPU speed switches, in one place: bf16 autocast, channels_last for the CNN, cuDNN autotuning,
-torch.compile, and the process group for DistributedDataParallel.
+"""The device and the runtime switches, in one place: which device (`compute.device`), bf16
+autocast, channels_last for the CNN, cuDNN autotuning, torch.compile, and the process group for
+DistributedDataParallel.
 
 Everything here is a no-op on CPU (and MPS) so CPU runs give the same numbers with the switches
 on or off: bf16 autocast on CPU would round activations, and channels_last changes the order of
@@ -15,6 +16,24 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def prepare(compute) -> torch.device:
+    """The device `compute` (the params' `compute` section) names, with the process-wide
+    settings applied: the one call every compute stage makes."""
+    device = pick_device(compute.device)
+    setup(device, compute.deterministic)
+    return device
 
 
 def setup(device: torch.device, deterministic: bool) -> None:

@@ -140,14 +140,10 @@ class PretrainParams:
 class FeaturesParams:
     views: int = 1  # crops cached per train image: 1 = the centre crop; more adds random crops
     batch_size: int = 128  # images per forward pass
-    num_workers: int = 1  # DataLoader worker processes (image decoding)
-    device: str = "auto"
 
     def check(self) -> None:
         _at_least("features.views", self.views, 1)
         _at_least("features.batch_size", self.batch_size, 1)
-        _at_least("features.num_workers", self.num_workers, 0)
-        _one_of("features.device", self.device, DEVICES)
 
 
 @dataclass(frozen=True)
@@ -162,10 +158,6 @@ class TrainParams:
     random_crop: bool = True
     select_metric: str = "cider"  # val metric (of greedy captions) that picks the kept epoch
     patience: int = 0  # stop after this many epochs without improvement; 0 = never
-    num_workers: int = 1  # DataLoader worker processes
-    device: str = "auto"
-    deterministic: bool = False  # CUDA: deterministic algorithms (slower); CPU runs are already
-    bf16: bool = True  # CUDA: bf16 autocast (and channels_last for the CNN); ignored on CPU
     compile: bool = False  # torch.compile the model (pays a compile at start; for long GPU runs)
     processes: int = 1  # > 1: DistributedDataParallel over this many processes (one per GPU) via torchrun
 
@@ -178,8 +170,6 @@ class TrainParams:
         _positive("train.lr", self.lr)
         _at_least("train.log_every", self.log_every, 1)
         _at_least("train.checkpoint_every", self.checkpoint_every, 1)
-        _at_least("train.num_workers", self.num_workers, 0)
-        _one_of("train.device", self.device, DEVICES)
         _at_least("train.processes", self.processes, 1)
 
 
@@ -187,8 +177,6 @@ class TrainParams:
 class EvaluateParams:
     batch_size: int = 64
     gallery_size: int = 24  # images shown in the sample gallery
-    num_workers: int = 1
-    device: str = "auto"
     beam_size: int = 3  # captions kept per image while decoding; 1 = greedy
     # Beam search ranks a finished caption by its summed log-prob / length ** length_penalty:
     # 0 = raw sum (favours short captions), 1 = mean log-prob per token.
@@ -201,8 +189,21 @@ class EvaluateParams:
         # bound); past 2, length wins over the words. The bounds also reject NaN and infinity.
         _between("evaluate.length_penalty", self.length_penalty, 0, 2)
         _at_least("evaluate.gallery_size", self.gallery_size, 0)
-        _at_least("evaluate.num_workers", self.num_workers, 0)
-        _one_of("evaluate.device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class ComputeParams:
+    """Where and how the compute stages (pretrain, features, train, evaluate) run. None of these
+    changes a CPU result; on CUDA, bf16 and deterministic do (within rounding)."""
+
+    device: str = "auto"  # auto | cpu | cuda | mps
+    num_workers: int = 1  # DataLoader worker processes (image decoding)
+    bf16: bool = True  # CUDA: bf16 autocast (and channels_last for the CNN); ignored elsewhere
+    deterministic: bool = False  # CUDA: deterministic algorithms (slower); CPU runs repeat anyway
+
+    def check(self) -> None:
+        _one_of("compute.device", self.device, DEVICES)
+        _at_least("compute.num_workers", self.num_workers, 0)
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ class Params:
     features: FeaturesParams = FeaturesParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    compute: ComputeParams = ComputeParams()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -231,7 +233,8 @@ def parse_params(raw: dict) -> Params:
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml", reads: tuple[str, ...] | None = None) -> Params:
+    """The params file, checked whole; with `reads` (a stage's PARAMS), narrowed to those."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -240,9 +243,51 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     try:
-        return parse_params(raw)
+        params = parse_params(raw)
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
+    return params if reads is None else Declared(params, reads)
+
+
+class UndeclaredParamError(AttributeError):
+    """A stage read a param it does not declare: a bug in the stage, not in params.yaml."""
+
+
+class Declared:
+    """`params` narrowed to what a stage declares it reads: whole sections (`train`, `seed`) or
+    single keys (`model.backbone`), the same list as the stage's `params:` in dvc.yaml (a test
+    keeps the two equal). Reading anything else raises, so no stage can depend on a param that
+    DVC does not track for it."""
+
+    def __init__(self, params, reads: tuple[str, ...], prefix: str = ""):
+        self._params, self._reads, self._prefix = params, tuple(reads), prefix
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        key = self._prefix + name
+        if key in self._reads:
+            return getattr(self._params, name)
+        if any(r.startswith(key + ".") for r in self._reads):
+            return Declared(getattr(self._params, name), self._reads, key + ".")
+        raise UndeclaredParamError(f"{key} is read but not declared: add it to the stage's PARAMS and to "
+                                   "its params in dvc.yaml")
+
+    def to_dict(self) -> dict:
+        """The declared params only, nested as in params.yaml."""
+        out: dict = {}
+        for key in self._reads:
+            if not key.startswith(self._prefix):
+                continue
+            *sections, name = key.removeprefix(self._prefix).split(".")
+            value = self._params
+            for part in (*sections, name):
+                value = getattr(value, part)
+            node = out
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return out
 
 
 def _build(cls, raw, prefix: str):

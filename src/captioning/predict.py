@@ -1,7 +1,15 @@
-"""Caption images with a trained captioner: batched greedy or beam-search decoding over a DataLoader."""
+"""Caption images with a trained captioner: batched greedy or beam-search decoding over a DataLoader.
+
+How captions are decoded (`Decoding`) is what the evaluate stage used: it records it beside the
+checkpoint (`models/decoding.json`) and inside the MLflow model, so the `caption` CLI and the
+served model caption exactly as the scored test captions were made.
+"""
 
 from __future__ import annotations
 
+import base64
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -12,46 +20,46 @@ from captioning import accel
 from captioning.data import ImageDataset
 from captioning.images import EvalTransform
 from captioning.model import Captioner
-from captioning.params import EvaluateParams
 from captioning.text import Vocabulary
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+@dataclass(frozen=True)
+class Decoding:
+    beam_size: int = 1  # captions kept per image while decoding; 1 = greedy
+    length_penalty: float = 0.0  # beam search ranks summed log-prob / length ** length_penalty
+    bf16: bool = False  # the CNN under bf16 autocast on CUDA (no effect elsewhere)
 
+    def save(self, path: str | Path) -> None:
+        from captioning.io import write_json_atomic
 
-def decoding_params(trained_params: dict) -> tuple[int, float]:
-    """(beam_size, length_penalty) of the `evaluate` section a checkpoint was trained with (its
-    `params`), else the defaults: the caption CLI and the MLflow model decode as evaluate did."""
-    section = trained_params.get("evaluate") or {}
-    return (section.get("beam_size", EvaluateParams.beam_size),
-            section.get("length_penalty", EvaluateParams.length_penalty))
+        write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Decoding":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def describe(self) -> str:
+        return "greedy" if self.beam_size == 1 else f"beam {self.beam_size}, length penalty {self.length_penalty:g}"
 
 
 @torch.no_grad()
-def caption_images(model: Captioner, vocab: Vocabulary, paths: list, device: torch.device,
-                   batch_size: int = 64, num_workers: int = 0, progress: bool = True,
-                   beam_size: int = 1, length_penalty: float = 0.0, bf16: bool = False) -> list[str]:
-    """One caption per image path, in order: greedy for `beam_size` 1, else beam search.
+def caption_images(model: Captioner, vocab: Vocabulary, images: list, device: torch.device,
+                   decoding: Decoding, batch_size: int = 64, num_workers: int = 0,
+                   progress: bool = True) -> list[str]:
+    """One caption per image (a path or a binary file object), in order, decoded as `decoding` says.
 
-    On CUDA the CNN runs channels_last, and with `bf16` under bf16 autocast (the train stage's
-    `train.bf16`); elsewhere both are no-ops, so CPU captions do not depend on them.
+    On CUDA the CNN runs channels_last, and with `decoding.bf16` under bf16 autocast; elsewhere
+    both are no-ops, so CPU captions do not depend on them.
     """
     model.eval().to(device)
     accel.channels_last(model.encoder.backbone, device)
-    dataset = ImageDataset(paths, EvalTransform(model.config["image_size"]))
+    dataset = ImageDataset(images, EvalTransform(model.config["image_size"]))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     captions: list[str] = [""] * len(dataset)
-    for images, index in tqdm(loader, desc="caption", unit="batch", disable=not progress):
-        images = accel.channels_last(images.to(device, non_blocking=True), device)
-        ids = model.generate(images, vocab.end_id, beam_size, length_penalty, bf16).cpu()
+    for batch, index in tqdm(loader, desc="caption", unit="batch", disable=not progress):
+        batch = accel.channels_last(batch.to(device, non_blocking=True), device)
+        ids = model.generate(batch, vocab.end_id, decoding.beam_size, decoding.length_penalty, decoding.bf16).cpu()
         for row, i in zip(ids.tolist(), index.tolist()):
             captions[i] = vocab.decode(row)
     return captions
@@ -74,41 +82,54 @@ def image_files(inputs: list[str]) -> list[Path]:
     return found
 
 
+def encode_image(path: str | Path) -> str:
+    """An image file as the MLflow model takes it: base64 of the file's bytes."""
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
 def main(argv: list[str] | None = None) -> None:
     """`caption IMAGE_OR_FOLDER... --checkpoint models/checkpoint.pt`: one `path<TAB>caption` per line."""
     import argparse
 
-    from captioning.checkpoint import load_checkpoint
+    from captioning.checkpoint import CheckpointError, load_checkpoint
 
     parser = argparse.ArgumentParser(prog="caption", description=main.__doc__)
     parser.add_argument("inputs", nargs="+", help="image files or folders of images (any mode: converted to RGB)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", default="models/checkpoint.pt")
-    source.add_argument("--model", help="an MLflow model URI instead: runs:/<run id>/model, models:/...")
+    source.add_argument("--model", help="an MLflow model URI instead: runs:/<run id>/<model name>, models:/...")
+    parser.add_argument("--decoding", help="how to decode: the JSON the evaluate stage wrote "
+                                           "(default: decoding.json beside the checkpoint)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--beam-size", type=int,
-                        help="captions kept per image while decoding, 1 = greedy (default: the checkpoint's "
-                             "evaluate.beam_size); length_penalty is the checkpoint's evaluate.length_penalty")
+                        help="captions kept per image while decoding, 1 = greedy (default: the decoding file's)")
     args = parser.parse_args(argv)
     if args.beam_size is not None and args.beam_size < 1:
         parser.error(f"--beam-size must be >= 1, got {args.beam_size}")
-    if args.beam_size is not None and args.model:
-        parser.error("--beam-size applies to --checkpoint; an MLflow model decodes as its checkpoint's "
-                     "evaluate params say")
+    if args.model and (args.beam_size is not None or args.decoding):
+        parser.error("--beam-size and --decoding apply to --checkpoint; an MLflow model decodes as its "
+                     "experiment's evaluate stage did")
     paths = image_files(args.inputs)
     if args.model:
         import mlflow.pyfunc
         import pandas as pd
 
-        from captioning.serving import encode_image
-
         frame = pd.DataFrame({"image": [encode_image(p) for p in paths]})
         captions = list(mlflow.pyfunc.load_model(args.model).predict(frame)["caption"])
     else:
-        model, vocab, trained_params = load_checkpoint(args.checkpoint)
-        beam_size, length_penalty = decoding_params(trained_params)
-        captions = caption_images(model, vocab, paths, pick_device(args.device), args.batch_size, progress=False,
-                                  beam_size=args.beam_size or beam_size, length_penalty=length_penalty)
+        decoding_path = Path(args.decoding or Path(args.checkpoint).with_name("decoding.json"))
+        if not decoding_path.is_file():
+            raise SystemExit(f"caption: {decoding_path}: no decoding settings; run the evaluate stage "
+                             "(dvc repro evaluate), or pass --decoding FILE")
+        decoding = Decoding.load(decoding_path)
+        if args.beam_size is not None:
+            decoding = Decoding(args.beam_size, decoding.length_penalty, decoding.bf16)
+        try:
+            model, vocab, _ = load_checkpoint(args.checkpoint)
+        except CheckpointError as err:
+            raise SystemExit(f"caption: {err}") from None
+        captions = caption_images(model, vocab, paths, accel.pick_device(args.device), decoding,
+                                  args.batch_size, progress=False)
     for path, caption in zip(paths, captions):
         print(f"{path}\t{caption}")

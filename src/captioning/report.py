@@ -16,7 +16,9 @@ class GalleryItem:
     correct: bool | None = None  # grounded verdict, when the scene is known
 
 
-def gallery_html(items: list[GalleryItem], title: str, summary: dict[str, float]) -> str:
+def gallery_html(items: list[GalleryItem], title: str, summary: dict[str, float],
+                 about: dict[str, str] | None = None) -> str:
+    """The page; `about` (e.g. run, experiment, params changed) is listed under the title."""
     rows = []
     for item in items:
         data = base64.b64encode(Path(item.image_path).read_bytes()).decode()
@@ -28,6 +30,7 @@ def gallery_html(items: list[GalleryItem], title: str, summary: dict[str, float]
             f"<p><b>{html.escape(item.generated) or '(empty)'}</b> {verdict}</p><ul>{refs}</ul></div>"
         )
     scores = " · ".join(f"{k} {v:.3f}" for k, v in summary.items())
+    facts = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in (about or {}).items())
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -37,7 +40,7 @@ body {{ font-family: sans-serif; margin: 1.5em; }}
 .card img {{ width: 100%; }} .card ul {{ color: #555; font-size: .85em; padding-left: 1.2em; }}
 .ok {{ color: #1a7f37; font-size: .8em; }} .bad {{ color: #cf222e; font-size: .8em; }}
 </style></head><body>
-<h1>{html.escape(title)}</h1><p>{html.escape(scores)}</p>
+<h1>{html.escape(title)}</h1>{f"<ul>{facts}</ul>" if facts else ""}<p>{html.escape(scores)}</p>
 <p>Bold: the generated caption. Below it: the reference captions.</p>
 <div class="grid">
 {chr(10).join(rows)}

@@ -5,8 +5,11 @@ in `<repo root>/mlartifacts/`. The repo root is `$DVC_ROOT` when DVC runs the st
 experiments run in a temporary copy under `<repo>/.dvc/tmp/exps/`, which is deleted afterwards,
 so a path inside it is mapped back to the repo itself: a run logged there would be lost.
 
-One pipeline run is one MLflow run: train starts it and records its id in a small DVC output,
-evaluate reopens it by that id.
+One pipeline run is one MLflow run, named after the DVC experiment. Train starts it and records
+its id in a small DVC output; evaluate logs into it when this pipeline run trained the checkpoint,
+and otherwise starts a run of its own linked to the one that did (`evaluation_run`). Evaluate
+records the experiment's run in its own output, so a run-cache restore points at the run that
+produced the results it restores.
 """
 
 from __future__ import annotations
@@ -65,31 +68,45 @@ def experiment_id(name: str = EXPERIMENT, root: Path | None = None) -> str:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+# MLflow 3 opens an experiment without this tag as a GenAI one (traces, an empty dashboard);
+# with it the UI opens on the runs table.
+KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _get_or_create(client: MlflowClient, name: str, location: str | None) -> str:
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    return client.create_experiment(name, artifact_location=location)
+    if found is None:
+        return client.create_experiment(name, artifact_location=location, tags=KIND)
+    for key, value in KIND.items():
+        if found.tags.get(key) != value:  # a store made before the tag was set
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 def run_name() -> str:
-    return os.environ.get("DVC_EXP_NAME") or "run-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    """The DVC experiment's name under `dvc exp run`; for a plain `dvc repro`, the workspace of
+    the branch and commit it started from, the way `dvc exp show` names that row."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return os.environ["DVC_EXP_NAME"]
+    commit, branch = _git("rev-parse", "--short", "HEAD"), _git("branch", "--show-current")
+    return f"workspace ({branch or 'detached'} @ {commit})" if commit else "workspace"
 
 
 def run_tags(stage: str) -> dict[str, str]:
-    tags = {"stage": stage, "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
-            "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "")}
-    commit = _git_commit()
+    tags = {"stage": stage, "dvc.exp_name": os.environ.get("DVC_EXP_NAME") or "workspace",
+            "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD"),
+            "git.branch": _git("branch", "--show-current")}
+    commit = _git("rev-parse", "HEAD")
     if commit:
         tags["git.commit"] = commit
         tags["mlflow.source.git.commit"] = commit
     return {k: v for k, v in tags.items() if v}
 
 
-def _git_commit() -> str:
+def _git(*args: str, cwd: str | Path | None = None) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=os.environ.get("DVC_ROOT") or None)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                             cwd=cwd or os.environ.get("DVC_ROOT") or None)
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""
@@ -106,28 +123,107 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def write_run_info(path: str | Path, run: mlflow.ActiveRun) -> None:
-    write_json_atomic(path, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                             "run_name": run.info.run_name})
+def pipeline_params(params_path: str | Path) -> dict[str, str]:
+    """Every param of the pipeline run, flat: what its MLflow run records (all of them, so that
+    two runs compare key by key in the UI)."""
+    from captioning.params import load_params
+
+    return flatten(load_params(params_path).to_dict())
 
 
-def reopen_run(info_path: str | Path, stage: str) -> mlflow.ActiveRun:
-    """Reopen the run that train recorded; a new one (same name) if this store lacks it."""
-    info = json.loads(Path(info_path).read_text())
-    exp = experiment_id()
+def changed_params(params_path: str | Path) -> dict[str, tuple[str, str]] | None:
+    """{key: (baseline value, this run's)} against the params file of the baseline commit (the
+    DVC experiment's baseline, else HEAD); None when there is no commit to compare with."""
+    from captioning.params import parse_params
+
+    path = Path(params_path).resolve()
+    rev = os.environ.get("DVC_EXP_BASELINE_REV") or "HEAD"
+    text = _git("show", f"{rev}:./{path.name}", cwd=path.parent)
+    if not text:
+        return None
+    import yaml
+
     try:
-        MlflowClient().get_run(info["run_id"])
-        return mlflow.start_run(run_id=info["run_id"])
+        before = flatten(parse_params(yaml.safe_load(text) or {}).to_dict())
+    except Exception:  # noqa: BLE001 - a baseline from an older schema: compare what parses
+        before = flatten(yaml.safe_load(text) or {})
+    now = pipeline_params(path)
+    return {k: (before.get(k, "(absent)"), v) for k, v in now.items() if before.get(k) != v}
+
+
+def describe_changes(changed: dict[str, tuple[str, str]] | None) -> str:
+    if changed is None:
+        return "no baseline commit to compare params with"
+    if not changed:
+        return "params as in the baseline commit"
+    return "changed against the baseline: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+
+
+def start_pipeline_run(params_path: str | Path, stage: str, tags: dict[str, str] | None = None) -> mlflow.ActiveRun:
+    """A new MLflow run for this pipeline run, named after the experiment, holding every param.
+
+    Its description (the first thing the run page shows) says what changed against the baseline;
+    the same list is the `params.changed` tag, a column the runs table can show.
+    """
+    changed = changed_params(params_path)
+    summary = describe_changes(changed)
+    run = mlflow.start_run(experiment_id=experiment_id(), run_name=run_name(), description=summary,
+                           tags={**run_tags(stage), **(tags or {}),
+                                 "params.changed": ", ".join(f"{k}={b}" for k, (_, b) in (changed or {}).items())
+                                 or "(none)"})
+    mlflow.log_params(pipeline_params(params_path))
+    return run
+
+
+def write_run_info(path: str | Path, run: mlflow.ActiveRun, **extra) -> None:
+    write_json_atomic(path, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                             "run_name": run.info.run_name, **extra})
+
+
+def evaluation_run(params_path: str | Path, train_info_path: str | Path) -> tuple[mlflow.ActiveRun, str | None]:
+    """The run evaluate logs into, and the id of the run that trained the checkpoint.
+
+    Train's own run when this pipeline run trained the checkpoint: that run has no test scores
+    yet and holds exactly today's params. Otherwise (train was cached, or its run is in another
+    store) a new run, tagged `captioning.train_run_id`, that starts with a copy of the training
+    curves and validation metrics: one run holds the whole experiment, and no earlier run's
+    params or metrics ever change.
+    """
+    info = json.loads(Path(train_info_path).read_text())
+    experiment_id()
+    client = MlflowClient()
+    try:
+        trained = client.get_run(info["run_id"])
     except mlflow.exceptions.MlflowException:
-        print(f"MLflow run {info['run_id']} is not in {tracking_uri()}; logging to a new run")
-        return mlflow.start_run(experiment_id=exp, run_name=info.get("run_name"), tags=run_tags(stage))
+        trained = None
+    if (trained is not None and not any(k.startswith("test_") for k in trained.data.metrics)
+            and trained.data.params == pipeline_params(params_path)):
+        return mlflow.start_run(run_id=trained.info.run_id), trained.info.run_id
+    link = {"captioning.train_run_id": info["run_id"], "captioning.train_run_name": info.get("run_name", "")}
+    run = start_pipeline_run(params_path, "evaluate", tags=link)
+    where = (f"run {info.get('run_name')} ({info['run_id']})" if trained is not None
+             else f"run {info['run_id']}, which is not in {tracking_uri()}")
+    client.set_tag(run.info.run_id, "mlflow.note.content",
+                   f"{describe_changes(changed_params(params_path))}. Evaluate only: the checkpoint was "
+                   f"trained in {where}; its curves are copied here.")
+    if trained is not None:
+        _copy_metrics(client, trained.info.run_id, run.info.run_id, trained.data.metrics)
+    return run, info["run_id"]
+
+
+def _copy_metrics(client: MlflowClient, source: str, target: str, keys) -> None:
+    logger = MetricLogger(target, client)
+    for key in keys:
+        for point in client.get_metric_history(source, key):
+            logger.buffer.append(Metric(key, point.value, point.timestamp, point.step))
+    logger.flush()
 
 
 class MetricLogger:
     """Buffers metric points and sends them in batches: one SQLite write per point is slow."""
 
-    def __init__(self, run_id: str):
-        self.run_id, self.client, self.buffer = run_id, MlflowClient(), []
+    def __init__(self, run_id: str, client: MlflowClient | None = None):
+        self.run_id, self.client, self.buffer = run_id, client or MlflowClient(), []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)

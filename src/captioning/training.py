@@ -32,7 +32,7 @@ from captioning.images import EvalTransform, TrainTransform
 from captioning.io import atomic_path
 from captioning.metrics import grounded_score, quick_scores
 from captioning.model import Captioner
-from captioning.params import ModelParams, TrainParams
+from captioning.params import ComputeParams, ModelParams, TrainParams
 from captioning.text import Vocabulary
 
 
@@ -73,7 +73,8 @@ def images_per_batch(split: Split, captions_per_batch: int, captions_per_image: 
 def fit(model: Captioner, vocab: Vocabulary, train_split: Split, val_split: Split,
         model_params: ModelParams, params: TrainParams, seed: int, device: torch.device,
         callbacks: Callbacks, resume_path: Path | None = None,
-        features: tuple[np.ndarray, np.ndarray] | None = None, here: World = World()) -> FitResult:
+        features: tuple[np.ndarray, np.ndarray] | None = None, here: World = World(),
+        compute: ComputeParams = ComputeParams()) -> FitResult:
     """Train `model`; from images, or from cached (train, val) backbone features when given
     (the backbone must then be frozen: its output is what was cached).
 
@@ -95,7 +96,7 @@ def fit(model: Captioner, vocab: Vocabulary, train_split: Split, val_split: Spli
         val_dataset = CaptionDataset(val_split, vocab, EvalTransform(model_params.image_size))
         encode = model.encoder
     # Cached features are in memory already: worker processes would only add start-up and copies.
-    workers = 0 if features is not None else params.num_workers
+    workers = 0 if features is not None else compute.num_workers
     pooled = features is not None
     if not pooled:
         model.encoder.backbone = accel.channels_last(model.encoder.backbone, device)
@@ -139,7 +140,7 @@ def fit(model: Captioner, vocab: Vocabulary, train_split: Split, val_split: Spli
                 inputs = accel.channels_last(inputs, device)
             captions = captions.to(device, non_blocking=True)
             targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-            with accel.autocast(device, params.bf16):
+            with accel.autocast(device, compute.bf16):
                 logits = net(inputs, captions, lengths, image_index.to(device), pooled=pooled)
                 loss = criterion(logits.float(), targets)
             optimizer.zero_grad(set_to_none=True)
@@ -205,5 +206,6 @@ def validate(model: Captioner, dataset: CaptionDataset, split: Split, vocab: Voc
             hypotheses[dataset.records[index]["id"]] = vocab.decode(ids)
     row = {"val_loss": loss_sum / max(tokens, 1), **quick_scores(split.captions, hypotheses)}
     scenes = {r["id"]: r["scene"] for r in dataset.records if "scene" in r}
-    row["grounded"] = grounded_score(scenes, hypotheses) if len(scenes) == len(hypotheses) else math.nan
+    if len(scenes) == len(hypotheses):  # only where scenes exist (synthetic): absent, not NaN, elsewhere
+        row["grounded"] = grounded_score(scenes, hypotheses)
     return row
