@@ -11,19 +11,19 @@ import time
 
 from captioning import datasets, sources
 from captioning.download import DownloadError
-from captioning.io import atomic_path
+from captioning.io import atomic_path, write_json_atomic
 from captioning.params import load_params
 
 PARAMS = ("seed", "data")
 
 
-def main(params_path: str, out: str, downloads: str) -> None:
+def main(params_path: str, out: str, downloads: str, summary: str) -> None:
     params = load_params(params_path, PARAMS)
     started = time.perf_counter()
     if params.data.source == "synthetic":
         with atomic_path(out) as tmp:
             sizes = datasets.write_synthetic(tmp, params.data, params.seed)
-        note = ""
+        note, missing = "", 0
     else:
         try:
             dataset = sources.build(params.data, params.seed, downloads)
@@ -34,6 +34,8 @@ def main(params_path: str, out: str, downloads: str) -> None:
         sizes = dataset.manifest["images"]
         missing = dataset.manifest["missing_images"]
         note = f"; {missing} listed images are missing (resize will skip and report them)" if missing else ""
+    write_json_atomic(summary, {"source": params.data.source, "images": sizes,
+                                "missing_images": missing})
     counts = ", ".join(f"{n} {split}" for split, n in sizes.items())
     print(f"download: {params.data.source} -> {out}: {counts} images "
           f"in {time.perf_counter() - started:.1f}s{note}")
@@ -45,5 +47,6 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True, help="dataset folder to create")
     parser.add_argument("--downloads", default="data/downloads",
                         help="download cache (archives and extracted images; not a DVC output)")
+    parser.add_argument("--summary", required=True, help="JSON to write: source and images per split")
     args = parser.parse_args()
-    main(args.params, args.out, args.downloads)
+    main(args.params, args.out, args.downloads, args.summary)

@@ -1,4 +1,4 @@
-"""resize stage: every split's images to resize.size x resize.size RGB JPEGs, in parallel.
+"""resize stage: every split's images to resize.side x resize.side RGB JPEGs, in parallel.
 
 This is where every image is decoded, so this is where bad images are met. With
 `data.on_bad_image: error` the first one stops the stage, naming the file; with `skip` it is left
@@ -15,7 +15,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from captioning.datasets import SPLITS, captions_path, coco_captions, images_dir, load_json, read_split
+from captioning.datasets import (SPLITS, DatasetError, captions_path, check_links, coco_captions, images_dir,
+                                 load_json, read_split)
 from captioning.images import BadImageError, resize_all
 from captioning.io import atomic_path, write_json_atomic
 from captioning.params import load_params
@@ -27,6 +28,10 @@ def main(params_path: str, data: str, out: str) -> None:
     all_params = load_params(params_path, PARAMS)
     params, policy = all_params.resize, all_params.data.on_bad_image
     started = time.perf_counter()
+    try:
+        check_links(data)
+    except DatasetError as err:
+        raise SystemExit(f"resize: {err}") from None
     total, report = 0, {"on_bad_image": policy, "counts": {}, "skipped": {}, "without_caption": {}, "empty_captions": {}}
     with atomic_path(out) as tmp:
         for split in SPLITS:
@@ -37,7 +42,7 @@ def main(params_path: str, data: str, out: str) -> None:
                      for r in records]
             images_dir(tmp, split).mkdir(parents=True)
             try:
-                bad = resize_all(pairs, params.size, params.quality, params.workers, desc=f"resize {split}",
+                bad = resize_all(pairs, params.side, params.quality, params.workers, desc=f"resize {split}",
                                  skip_bad=policy == "skip")
             except BadImageError as err:
                 raise SystemExit(f"resize: {err}\nFix or remove the file, or set data.on_bad_image: skip to "
@@ -57,7 +62,7 @@ def main(params_path: str, data: str, out: str) -> None:
     seconds = time.perf_counter() - started
     skipped = sum(reasons.values())
     note = f"; skipped {skipped} bad images ({_counts(reasons)}), listed in {Path(out) / 'bad_images.json'}" if skipped else ""
-    print(f"resize: {total} images to {params.size}x{params.size} in {seconds:.1f}s "
+    print(f"resize: {total} images to {params.side}x{params.side} in {seconds:.1f}s "
           f"({total / seconds:.0f} img/s) -> {Path(out)}{note}")
 
 

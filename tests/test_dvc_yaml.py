@@ -84,3 +84,14 @@ def test_each_stage_declares_the_params_dvc_tracks_for_it(stage):
 def test_the_allowlist_names_real_modules():
     for name in NOT_DEPENDENCIES:
         assert (REPO / "src" / PACKAGE / f"{name}.py").is_file(), name
+
+
+def test_no_param_is_named_like_a_field_dvc_leaves_out_of_its_run_cache_key():
+    """DVC hashes a stage's lock entry without any key named `size` or `nfiles`, params included:
+    a param of that name could change and DVC would restore the outputs of its old value."""
+    def keys(node, prefix=""):
+        for key, value in node.items():
+            yield from keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [(key, prefix + key)]
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert [full for key, full in keys(params) if key in ("size", "nfiles")] == []

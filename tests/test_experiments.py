@@ -81,8 +81,9 @@ def test_queued_sweep_with_two_workers_lands_in_the_repo_store(project):
         assert "test_cider" in run.data.metrics
         # The artifacts live under the repo, not in DVC's deleted temporary copy.
         assert run.info.artifact_uri.startswith((clone / "mlartifacts").as_uri())
-        local = Path(run.info.artifact_uri.removeprefix("file://")) / "checkpoint" / "checkpoint.pt"
-        assert local.is_file()
+        [model] = client.search_logged_models([exp_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+        assert model.artifact_location.startswith((clone / "mlartifacts").as_uri())
+        assert (Path(model.artifact_location.removeprefix("file://")) / "artifacts" / "checkpoint.pt").is_file()
     assert not any((clone / ".dvc" / "tmp" / "exps").glob("tmp*/mlflow.db"))
     a, b = sorted(r.info.run_name for r in runs)
     diff = json.loads(_run(["dvc", "plots", "diff", a, b, "--json"], clone, env))
@@ -98,7 +99,7 @@ def test_run_cache_restores_without_a_new_run(project):
     out = _run(["dvc", "exp", "run", "-S", "train.lr=0.0007"], clone, env)
     assert "Running stage 'train'" not in out  # restored from DVC's run-cache
     assert len(client.search_runs([exp_id])) == count
-    run_id = json.loads((clone / "models" / "mlflow_run.json").read_text())["run_id"]
+    run_id = json.loads((clone / "reports" / "mlflow_run.json").read_text())["run_id"]
     assert client.get_run(run_id).data.params["train.lr"] == "0.0007"
     diff = json.loads(_run(["dvc", "params", "diff", "--json"], clone, env))
     assert diff["params.yaml"]["train.lr"]["new"] == 0.0007
@@ -143,11 +144,11 @@ def test_mlflow_server_serves_runs_over_rest(project):
 
 def test_mlflow_models_serve_captions_posted_images(project):
     clone, env = project
-    run_id = json.loads((clone / "models" / "mlflow_run.json").read_text())["run_id"]
+    model_uri = json.loads((clone / "reports" / "mlflow_run.json").read_text())["model_uri"]
     port = _free_port()
     serve_env = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{clone / 'mlflow.db'}")
     server = subprocess.Popen(
-        ["mlflow", "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager", "local",
+        ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port)],
         cwd=clone, env=serve_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     try:
@@ -161,7 +162,7 @@ def test_mlflow_models_serve_captions_posted_images(project):
     finally:
         server.terminate()
         server.wait(30)
-    out = _run(["caption", "--model", f"runs:/{run_id}/model", str(images[0])], clone, serve_env)
+    out = _run(["caption", "--model", model_uri, str(images[0])], clone, serve_env)
     assert out.strip().split("\t")[0] == str(images[0])
 
 

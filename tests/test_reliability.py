@@ -74,7 +74,8 @@ def test_bad_params_stop_a_stage_before_any_work(tmp_path):
     params.write_text(yaml.safe_dump({"train": {"lr": -0.1}}))
     out = tmp_path / "raw"
     done = subprocess.run([sys.executable, str(REPO / "stages" / "download.py"), "--params", str(params),
-                           "--out", str(out)], capture_output=True, text=True, env=venv_env())
+                           "--out", str(out), "--summary", str(tmp_path / "source.json")],
+                          capture_output=True, text=True, env=venv_env())
     assert done.returncode != 0
     assert "train.lr must be > 0" in done.stderr
     assert not out.exists()
@@ -211,7 +212,7 @@ def _local_params(tmp_path, **data):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["data"].update(source="local", images_dir=str(tmp_path / "photos"),
                        annotations=str(tmp_path / "captions.json"), **data)
-    raw["resize"].update(size=32, workers=2)
+    raw["resize"].update(side=32, workers=2)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)

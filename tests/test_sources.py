@@ -9,7 +9,9 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import stat
+import subprocess
 import threading
 import zipfile
 from collections import Counter
@@ -160,7 +162,7 @@ def stage(name: str):
 def write_params(path: Path, **data) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["data"].update(data)
-    raw["resize"].update(size=32, workers=1)
+    raw["resize"].update(side=32, workers=1)
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -356,7 +358,7 @@ def test_seed_preset_parses_into_the_seeds_configuration(tmp_path):
     assert (m.backbone, m.pretrained, m.train_backbone, m.image_size) == ("resnet152", True, False, 224)
     assert (m.embed_size, m.hidden_size, m.num_layers) == (256, 512, 1)
     assert (t.batch_size, t.lr, t.epochs, t.hflip, t.random_crop) == (128, 0.001, 5, True, True)
-    assert (t.checkpoint_every, t.log_every, params.resize.size) == (1000, 10, 256)
+    assert (t.checkpoint_every, t.log_every, params.resize.side) == (1000, 10, 256)
     assert "-S model.pretrained=true" in flags(overrides) and "-S train.lr=0.001" in flags(overrides)
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lrr: 0.1\n")
@@ -377,7 +379,7 @@ def test_dvc_repro_coco2014_from_the_loopback_server(server, tmp_path):
                                      for n, a in server.table().items() if n in server.files}))
     clone, env = make_clone(tmp_path, {"data": {"source": "coco2014", "base_url": server.url,
                                                 "checksums": str(checksums)},
-                                       "resize": {"size": 32, "workers": 1}})
+                                       "resize": {"side": 32, "workers": 1}})
     out = _run(["dvc", "repro", "vocab"], clone, env)
     for name in ("download", "resize", "vocab"):
         assert f"Running stage '{name}'" in out
@@ -392,4 +394,27 @@ def test_dvc_repro_coco2014_from_the_loopback_server(server, tmp_path):
     assert "Running stage" not in _run(["dvc", "repro", "vocab"], clone, env)
     _run(["dvc", "repro", "-f", "download"], clone, env)  # rebuilt from the cache: nothing fetched
     assert sum(server.served.values()) == served
+    assert "up to date" in _run(["dvc", "status", "vocab"], clone, env)
+    # The download cache removed (another disk, a cleanup): download fetches it again, never a
+    # run-cache restore of the captions alone that would send resize to missing images.
+    shutil.rmtree(clone / "data" / "downloads")
+    params_text = (clone / "params.yaml").read_text()
+    params = yaml.safe_load(params_text)
+    params["resize"]["side"] = 48  # resize must rerun: it may only ever meet the images
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = subprocess.run(["dvc", "repro", "vocab"], cwd=clone, env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "resize: data/raw/train/images/train2014 links to" in done.stderr and "run `dvc repro -f download`" in done.stderr
+    assert not any((clone / "data" / "resized").rglob("*.jpg")) or "resize:" in done.stderr
+    out = _run(["dvc", "repro", "-f", "download"], clone, env)  # the fix the message names
+    assert sum(server.served.values()) > served
+    assert (clone / "data" / "raw" / "train" / "images" / "train2014" / "COCO_train2014_000000000009.jpg").is_file()
+    out = _run(["dvc", "repro", "vocab"], clone, env)
+    assert "Running stage 'resize'" in out
+    # data/raw itself removed: never a run-cache restore of the captions without their images
+    shutil.rmtree(clone / "data" / "raw")
+    (clone / "params.yaml").write_text(params_text)  # back to params the run-cache has seen
+    out = _run(["dvc", "repro", "vocab"], clone, env)
+    assert "Running stage 'download'" in out and "Stage 'download' is cached" not in out
     assert "up to date" in _run(["dvc", "status", "vocab"], clone, env)

@@ -30,10 +30,29 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def prepare(compute) -> torch.device:
     """The device `compute` (the params' `compute` section) names, with the process-wide
-    settings applied: the one call every compute stage makes."""
+    settings applied: the one call every compute stage makes, before any tensor work."""
+    pin_cpu_kernels(compute.cpu_isa)
     device = pick_device(compute.device)
     setup(device, compute.deterministic)
     return device
+
+
+# The three libraries behind PyTorch's CPU kernels each pick their code path by the CPU's widest
+# instruction set, and paths round differently: on an AVX-512/AMX Xeon the default pipeline's
+# backbone came out other than on the machine that wrote dvc.lock. Each variable caps one library
+# (measured with bench/cpu_isa.py: ATen's elementwise and softmax kernels, oneDNN's convolutions,
+# MKL's matrix products); all three are read lazily, at the first kernel that needs them.
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+
+
+def pin_cpu_kernels(isa: str) -> None:
+    """`avx2`: the same CPU kernels on every x86-64 machine with AVX2; `native`: the widest."""
+    if isa == "native":
+        return
+    os.environ.update(AVX2)
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "DEFAULT", "NO AVX"):
+        raise RuntimeError("compute.cpu_isa avx2: PyTorch chose its CPU kernels before accel.prepare; "
+                           "call it before any tensor work")
 
 
 def setup(device: torch.device, deterministic: bool) -> None:

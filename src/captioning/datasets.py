@@ -57,6 +57,23 @@ def read_split(root: str | Path, split: str, images_root: str | Path | None = No
     return Split(images, captions, images_dir(images_root or root, split), empty_captions=empty)
 
 
+def check_links(root: str | Path) -> None:
+    """Stop, naming the fix, if a split's images are links whose target is gone.
+
+    Real sources link `<split>/images` (or folders in it) to the download cache or the user's
+    folder (see sources.py). DVC does not track what the links point to, so removing the cache
+    leaves captions whose images are gone; no stage may then read on as if images were bad."""
+    for split in SPLITS:
+        folder = images_dir(root, split)
+        links = [folder] if folder.is_symlink() else [p for p in sorted(folder.iterdir()) if p.is_symlink()] \
+            if folder.is_dir() else []
+        for link in links:
+            if not link.exists():
+                raise DatasetError(f"{link} links to {os.readlink(link)}, which is gone (a removed download "
+                                   "cache or a moved image folder): run `dvc repro -f download` to fetch or "
+                                   "link the images again")
+
+
 def load_json(path: str | Path, missing: str = "") -> object:
     """Parse a JSON file; a missing or malformed one is a DatasetError naming it."""
     path = Path(path)

@@ -34,7 +34,8 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+    """Strict JSON: NaN and Infinity, which JSON.parse and most metrics readers reject, raise here."""
+    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def _remove(path: Path) -> None:

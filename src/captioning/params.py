@@ -22,6 +22,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # Validation metrics the best epoch may be selected by; all but val_loss are better when higher.
 SELECT_METRICS = ("cider", "bleu_4", "grounded", "val_loss")
 LR_SCHEDULES = ("onecycle", "constant")
+CPU_ISAS = ("avx2", "native")
 # What the pipeline does with an image it cannot use: stop naming it, or skip it and report it.
 BAD_IMAGE_POLICIES = ("error", "skip")
 
@@ -84,12 +85,14 @@ class VocabParams:
 
 @dataclass(frozen=True)
 class ResizeParams:
-    size: int = 256  # every image becomes size x size (aspect not kept, as in Show and Tell)
+    # Not `size`: DVC leaves any key named size (or nfiles) out of its run-cache key, so a change
+    # of it would restore another size's images (dvc/utils dict_filter, DVC 3.67).
+    side: int = 256  # every image becomes side x side pixels (aspect not kept, as in Show and Tell)
     quality: int = 95  # JPEG quality of the resized copies
     workers: int = 0  # processes; 0 = one per core
 
     def check(self) -> None:
-        _at_least("resize.size", self.size, 32)
+        _at_least("resize.side", self.side, 32)
         _between("resize.quality", self.quality, 50, 100)
         _at_least("resize.workers", self.workers, 0)
 
@@ -193,17 +196,19 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class ComputeParams:
-    """Where and how the compute stages (pretrain, features, train, evaluate) run. None of these
-    changes a CPU result; on CUDA, bf16 and deterministic do (within rounding)."""
+    """Where and how the compute stages (pretrain, features, train, evaluate) run."""
 
     device: str = "auto"  # auto | cpu | cuda | mps
-    num_workers: int = 1  # DataLoader worker processes (image decoding)
+    num_workers: int = 1  # DataLoader worker processes (image decoding); no effect on results
     bf16: bool = True  # CUDA: bf16 autocast (and channels_last for the CNN); ignored elsewhere
     deterministic: bool = False  # CUDA: deterministic algorithms (slower); CPU runs repeat anyway
+    cpu_isa: str = "avx2"  # CPU kernels: avx2 on every x86-64 CPU (the same bits on any of them), or
+    # native: the widest this CPU has (AVX-512, AMX), faster there but its own rounding
 
     def check(self) -> None:
         _one_of("compute.device", self.device, DEVICES)
         _at_least("compute.num_workers", self.num_workers, 0)
+        _one_of("compute.cpu_isa", self.cpu_isa, CPU_ISAS)
 
 
 @dataclass(frozen=True)
