@@ -12,13 +12,19 @@ import time
 from captioning import datasets, sources
 from captioning.download import DownloadError
 from captioning.io import atomic_path, write_json_atomic
-from captioning.params import load_params
+from captioning.params import ParamsError, check_inputs, load_params
 
 PARAMS = ("seed", "data")
 
 
-def main(params_path: str, out: str, downloads: str, summary: str) -> None:
+def main(params_path: str, out: str, downloads: str, summary: str, inputs: str) -> None:
     params = load_params(params_path, PARAMS)
+    data = params.data
+    try:
+        check_inputs({"data.annotations": data.annotations, "data.karpathy_json": data.karpathy_json,
+                      "data.checksums": data.checksums}, inputs)
+    except ParamsError as err:
+        raise SystemExit(f"download: {err}") from None
     started = time.perf_counter()
     if params.data.source == "synthetic":
         with atomic_path(out) as tmp:
@@ -48,5 +54,6 @@ if __name__ == "__main__":
     parser.add_argument("--downloads", default="data/downloads",
                         help="download cache (archives and extracted images; not a DVC output)")
     parser.add_argument("--summary", required=True, help="JSON to write: source and images per split")
+    parser.add_argument("--inputs", required=True, help="folder holding the files data.* params name")
     args = parser.parse_args()
-    main(args.params, args.out, args.downloads, args.summary)
+    main(args.params, args.out, args.downloads, args.summary, args.inputs)

@@ -95,3 +95,12 @@ def test_no_param_is_named_like_a_field_dvc_leaves_out_of_its_run_cache_key():
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert [full for key, full in keys(params) if key in ("size", "nfiles")] == []
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_the_folder_of_files_params_name_is_a_dependency(stage):
+    """Files that params name live in the folder the stage gets as --inputs (inputs/README.md)."""
+    words = STAGES[stage]["cmd"].split()
+    for flag, value in zip(words, words[1:]):
+        if flag == "--inputs":
+            assert value in STAGES[stage]["deps"] and (REPO / value).is_dir()

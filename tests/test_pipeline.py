@@ -44,7 +44,7 @@ def make_clone(tmp_path: Path, params_override: dict) -> tuple[Path, dict]:
     """A git repo holding the project's pipeline, with `params_override` applied and committed."""
     clone = tmp_path / "repo"
     clone.mkdir()
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "stages", "src"):
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "stages", "src", "inputs"):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, clone / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

@@ -74,7 +74,8 @@ def test_bad_params_stop_a_stage_before_any_work(tmp_path):
     params.write_text(yaml.safe_dump({"train": {"lr": -0.1}}))
     out = tmp_path / "raw"
     done = subprocess.run([sys.executable, str(REPO / "stages" / "download.py"), "--params", str(params),
-                           "--out", str(out), "--summary", str(tmp_path / "source.json")],
+                           "--out", str(out), "--summary", str(tmp_path / "source.json"),
+                           "--inputs", str(tmp_path)],
                           capture_output=True, text=True, env=venv_env())
     assert done.returncode != 0
     assert "train.lr must be > 0" in done.stderr

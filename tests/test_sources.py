@@ -374,12 +374,12 @@ def test_dvc_repro_coco2014_from_the_loopback_server(server, tmp_path):
     """The real `dvc repro` of download, resize and vocab with data.source coco2014 in a clone."""
     from test_pipeline import _run, make_clone
 
-    checksums = tmp_path / "checksums.json"
+    clone, env = make_clone(tmp_path, {"data": {"source": "coco2014", "base_url": server.url,
+                                                "checksums": "inputs/data/checksums.json"},
+                                       "resize": {"side": 32, "workers": 1}})
+    checksums = clone / "inputs" / "data" / "checksums.json"
     checksums.write_text(json.dumps({n: {"size": a.size, "checksum": a.checksum}
                                      for n, a in server.table().items() if n in server.files}))
-    clone, env = make_clone(tmp_path, {"data": {"source": "coco2014", "base_url": server.url,
-                                                "checksums": str(checksums)},
-                                       "resize": {"side": 32, "workers": 1}})
     out = _run(["dvc", "repro", "vocab"], clone, env)
     for name in ("download", "resize", "vocab"):
         assert f"Running stage '{name}'" in out
@@ -418,3 +418,15 @@ def test_dvc_repro_coco2014_from_the_loopback_server(server, tmp_path):
     out = _run(["dvc", "repro", "vocab"], clone, env)
     assert "Running stage 'download'" in out and "Stage 'download' is cached" not in out
     assert "up to date" in _run(["dvc", "status", "vocab"], clone, env)
+    # A file a param names is a dependency by content: the same path with other content reruns.
+    checksums.write_text(json.dumps(json.loads(checksums.read_text()), indent=1))
+    assert "inputs/data" in _run(["dvc", "status", "download"], clone, env)
+    outside = tmp_path / "checksums.json"
+    outside.write_text(checksums.read_text())
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["data"]["checksums"] = str(outside)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = subprocess.run(["dvc", "repro", "download"], cwd=clone, env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"download: data.checksums: {outside} is outside inputs/data/" in done.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -252,6 +253,17 @@ def load_params(path: str | Path = "params.yaml", reads: tuple[str, ...] | None 
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
     return params if reads is None else Declared(params, reads)
+
+
+def check_inputs(paths: dict[str, str], folder: str | Path) -> None:
+    """Files named by params (`{"data.annotations": path}`) must be inside `folder`, which the
+    stage reading them depends on: DVC cannot depend on a path that a param may leave empty, and
+    a dependency on the path alone would miss a file changed under the same name."""
+    root = Path(os.path.abspath(folder))
+    for key, value in paths.items():
+        if value and not Path(os.path.abspath(value)).is_relative_to(root):
+            raise ParamsError(f"{key}: {value} is outside {folder}/; copy or link it there, so that DVC "
+                              f"reruns the stage when the file changes (inputs/README.md)")
 
 
 class UndeclaredParamError(AttributeError):
