@@ -31,10 +31,10 @@ PARAMS = ("evaluate", "compute")
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params, PARAMS)
     settings = params.evaluate
+    device = accel.prepare(params.compute)  # before any tensor work: it picks the CPU kernels
     model, vocab, _ = load_checkpoint(args.checkpoint, expect_vocab=Vocabulary.load(args.vocab))
     split = read_split(args.data, "test", images_root=args.images)
     records = [r for r in split.images if split.captions[r["id"]]]
-    device = accel.prepare(params.compute)
     decoding = Decoding(settings.beam_size, settings.length_penalty, params.compute.bf16)
     captions = caption_images(model, vocab, [split.image_path(r) for r in records], device, decoding,
                               settings.batch_size, params.compute.num_workers)

@@ -23,6 +23,7 @@ PARAMS = ("seed", "features", "model.backbone", "model.image_size", "model.train
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params, PARAMS)
+    device = accel.prepare(params.compute)  # before any tensor work: it picks the CPU kernels
     started = time.perf_counter()
     with atomic_path(args.out) as tmp:
         tmp.mkdir(parents=True)
@@ -32,7 +33,7 @@ def main(args: argparse.Namespace) -> None:
             return
         state = torch.load(args.backbone, map_location="cpu", weights_only=True)
         cnn = trunk(backbone_from_state(params.model, state))
-        device, settings = accel.prepare(params.compute), params.features
+        settings = params.features
         total = 0
         for split in SPLITS:
             data = read_split(args.data, split, images_root=args.images)

@@ -207,7 +207,9 @@ def evaluation_run(params_path: str | Path, train_info_path: str | Path) -> tupl
                    f"{describe_changes(changed_params(params_path))}. Evaluate only: the checkpoint was "
                    f"trained in {where}; its curves are copied here.")
     if trained is not None:
-        _copy_metrics(client, trained.info.run_id, run.info.run_id, trained.data.metrics)
+        # the training run's own test scores are of its own evaluation, not this one
+        _copy_metrics(client, trained.info.run_id, run.info.run_id,
+                      [k for k in trained.data.metrics if not k.startswith("test_")])
     return run, info["run_id"]
 
 
