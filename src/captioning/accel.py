@@ -46,8 +46,11 @@ AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR":
 
 
 def pin_cpu_kernels(isa: str) -> None:
-    """`avx2`: the same CPU kernels on every x86-64 machine with AVX2; `native`: the widest."""
+    """`avx2`: the same CPU kernels on every x86-64 machine with AVX2; `native`: the widest, even
+    if the variables are set in the environment (the run must be what its params say)."""
     if isa == "native":
+        for key in AVX2:
+            os.environ.pop(key, None)
         return
     os.environ.update(AVX2)
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "DEFAULT", "NO AVX"):

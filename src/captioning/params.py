@@ -203,8 +203,10 @@ class ComputeParams:
     num_workers: int = 1  # DataLoader worker processes (image decoding); no effect on results
     bf16: bool = True  # CUDA: bf16 autocast (and channels_last for the CNN); ignored elsewhere
     deterministic: bool = False  # CUDA: deterministic algorithms (slower); CPU runs repeat anyway
-    cpu_isa: str = "avx2"  # CPU kernels: avx2 on every x86-64 CPU (the same bits on any of them), or
-    # native: the widest this CPU has (AVX-512, AMX), faster there but its own rounding
+    # CPU kernels: native, the widest this CPU has (AVX-512 or AVX2), or avx2 on any x86-64 CPU:
+    # the same bits on every machine with AVX2, at 2.5x the pretrain step on an AVX-512 CPU
+    # (bench/cpu_isa.py), which is why it is not the default
+    cpu_isa: str = "native"
 
     def check(self) -> None:
         _one_of("compute.device", self.device, DEVICES)
