@@ -230,8 +230,9 @@ def test_bad_images_in_a_local_source_under_both_policies(tmp_path, monkeypatch)
     (tmp_path / "captions.json").write_text(json.dumps({"images": entries}))
 
     with pytest.raises(SystemExit, match=r"1 of 14 images are missing \(looked in .*photos\): missing.jpg"):
-        _stage("download").main(_local_params(tmp_path), "raw", "downloads")
-    _stage("download").main(_local_params(tmp_path, on_bad_image="skip"), "raw", "downloads")
+        _stage("download").main(_local_params(tmp_path), "raw", "downloads", "source.json", str(tmp_path))
+    _stage("download").main(_local_params(tmp_path, on_bad_image="skip"), "raw", "downloads", "source.json",
+                            str(tmp_path))
     with pytest.raises(SystemExit, match=r"(?s)photos/\w+\.(jpg|png): .*on_bad_image: skip"):
         _stage("resize").main(_local_params(tmp_path), "raw", "resized")
     assert not (tmp_path / "resized").exists()
@@ -272,7 +273,7 @@ def test_bad_annotations_in_a_local_source(tmp_path, monkeypatch):
 
     def attempt(doc):
         ann.write_text(doc if isinstance(doc, str) else json.dumps(doc))
-        _stage("download").main(params, "raw", "downloads")
+        _stage("download").main(params, "raw", "downloads", "source.json", str(tmp_path))
 
     images = [{"id": i, "file_name": f"{i}.jpg"} for i in range(6)]
     with pytest.raises(SystemExit, match=r"captions\.json: not valid JSON"):

@@ -330,7 +330,7 @@ def test_local_source_from_a_user_folder(tmp_path, monkeypatch):
     ann.write_text(json.dumps({"images": images, "annotations": annotations}))
     params_path = write_params(tmp_path / "params.yaml", source="local", images_dir=str(folder),
                                annotations=str(ann), val_fraction=0.1, test_fraction=0.2)
-    stage("download").main(str(params_path), "data/raw", "data/downloads")
+    stage("download").main(str(params_path), "data/raw", "data/downloads", "data/source.json", str(tmp_path))
     stage("resize").main(str(params_path), "data/raw", "data/resized")
     sizes = {s: len(read_split("data/resized", s).images) for s in SPLITS}
     assert sizes == {"train": 14, "val": 2, "test": 4}
@@ -339,7 +339,7 @@ def test_local_source_from_a_user_folder(tmp_path, monkeypatch):
     ids = [r["id"] for s in SPLITS for r in read_split("data/raw", s).images]
     assert sorted(ids) == list(range(500, 520))
     first = Path("data/raw/test/captions.json").read_bytes()
-    stage("download").main(str(params_path), "data/raw", "data/downloads")
+    stage("download").main(str(params_path), "data/raw", "data/downloads", "data/source.json", str(tmp_path))
     assert Path("data/raw/test/captions.json").read_bytes() == first  # the split is seeded
 
     # A Karpathy-format file as data.annotations brings its own split.
@@ -347,7 +347,7 @@ def test_local_source_from_a_user_folder(tmp_path, monkeypatch):
                             "sentences": [{"raw": "a photo"}]}
                            for r, s in zip(images, ["train"] * 16 + ["val"] * 2 + ["test"] * 2)]}
     ann.write_text(json.dumps(karpathy))
-    stage("download").main(str(params_path), "data/raw", "data/downloads")
+    stage("download").main(str(params_path), "data/raw", "data/downloads", "data/source.json", str(tmp_path))
     assert [len(read_split("data/raw", s).images) for s in SPLITS] == [16, 2, 2]
 
 

@@ -117,3 +117,27 @@ def test_caption_cli_on_a_folder_of_mixed_modes(tiny_data, tmp_path, capsys):
     main([str(folder), "--checkpoint", str(path)])
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(folder / "a.png"), str(folder / "b.jpg")]
+
+
+def test_a_score_that_does_not_apply_is_absent_not_nan(tiny_data, tmp_path):
+    """Without scenes (any real dataset) there is no grounded score: no key, never NaN, which
+    JSON.parse and other readers of DVC metrics reject."""
+    import json
+    import math
+
+    from captioning.io import write_json_atomic
+
+    train, val, vocab, model = _setup(tiny_data)
+    unscened = dataclasses.replace(val, images=[{k: v for k, v in r.items() if k != "scene"} for r in val.images])
+    logs = Recorder()
+    result = fit(model, vocab, train, unscened, MODEL, dataclasses.replace(TRAIN, epochs=1), 0,
+                 torch.device("cpu"), logs, compute=INLINE)
+    assert "grounded" not in result.best and "grounded" in fit(
+        model, vocab, train, val, MODEL, dataclasses.replace(TRAIN, epochs=1), 0, torch.device("cpu"),
+        Recorder(), compute=INLINE).best
+    assert all(not (isinstance(v, float) and math.isnan(v)) for v in result.best.values())
+    with pytest.raises(ValueError):
+        write_json_atomic(tmp_path / "m.json", {"val_grounded": math.nan})
+    assert not (tmp_path / "m.json").exists()
+    write_json_atomic(tmp_path / "m.json", result.best)
+    assert json.loads((tmp_path / "m.json").read_text()) == result.best
