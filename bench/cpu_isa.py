@@ -94,7 +94,7 @@ def main() -> None:
     print("| op | same bits native vs avx2 |\n|---|---|")
     for op in native["bits"]:
         print(f"| {op} | {'yes' if native['bits'][op] == capped['bits'][op] else 'no'} |")
-    print(f"\n| loop | native s/step | avx2 s/step | avx2 / native |\n|---|---|---|---|")
+    print("\n| loop | native s/step | avx2 s/step | avx2 / native |\n|---|---|---|---|")
     for loop in native["seconds"]:
         n = statistics.median(r["seconds"][loop] for r in runs["native"])
         c = statistics.median(r["seconds"][loop] for r in runs["avx2"])

@@ -42,7 +42,7 @@ import torch
 from captioning.datasets import SPLITS, images_dir, read_split, write_synthetic
 from captioning.images import resize_all
 from captioning.model import Captioner
-from captioning.params import ComputeParams, DataParams, ModelParams, TrainParams, load_params
+from captioning.params import ComputeParams, DataParams, load_params
 from captioning.text import Vocabulary
 from captioning.training import fit
 

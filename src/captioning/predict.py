@@ -19,6 +19,7 @@ from tqdm import tqdm
 from captioning import accel
 from captioning.data import ImageDataset
 from captioning.images import EvalTransform
+from captioning.io import write_json_atomic
 from captioning.model import Captioner
 from captioning.text import Vocabulary
 
@@ -30,8 +31,6 @@ class Decoding:
     bf16: bool = False  # the CNN under bf16 autocast on CUDA (no effect elsewhere)
 
     def save(self, path: str | Path) -> None:
-        from captioning.io import write_json_atomic
-
         write_json_atomic(path, asdict(self))
 
     @classmethod

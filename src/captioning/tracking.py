@@ -19,14 +19,15 @@ import json
 import os
 import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric
+import yaml
 from mlflow.tracking import MlflowClient
 
 from captioning.io import write_json_atomic
+from captioning.params import ParamsError, load_params, parse_params
 
 EXPERIMENT = "captioning"
 _FLUSH_EVERY = 200  # buffered metric points per log_batch call (one SQLite transaction each)
@@ -126,26 +127,20 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
 def pipeline_params(params_path: str | Path) -> dict[str, str]:
     """Every param of the pipeline run, flat: what its MLflow run records (all of them, so that
     two runs compare key by key in the UI)."""
-    from captioning.params import load_params
-
     return flatten(load_params(params_path).to_dict())
 
 
 def changed_params(params_path: str | Path) -> dict[str, tuple[str, str]] | None:
     """{key: (baseline value, this run's)} against the params file of the baseline commit (the
     DVC experiment's baseline, else HEAD); None when there is no commit to compare with."""
-    from captioning.params import parse_params
-
     path = Path(params_path).resolve()
     rev = os.environ.get("DVC_EXP_BASELINE_REV") or "HEAD"
     text = _git("show", f"{rev}:./{path.name}", cwd=path.parent)
     if not text:
         return None
-    import yaml
-
     try:
         before = flatten(parse_params(yaml.safe_load(text) or {}).to_dict())
-    except Exception:  # noqa: BLE001 - a baseline from an older schema: compare what parses
+    except (ParamsError, yaml.YAMLError):  # a baseline of an older schema: compare key by key
         before = flatten(yaml.safe_load(text) or {})
     now = pipeline_params(path)
     return {k: (before.get(k, "(absent)"), v) for k, v in now.items() if before.get(k) != v}
