@@ -72,8 +72,9 @@ def main(args: argparse.Namespace) -> None:
         write_run_info(args.run_info, run, train_run_id=trained_in, model_uri=f"runs:/{run.info.run_id}/{name}",
                        tracking_uri=tracking_uri(), logged_model_id=logged.model_id)
     print("evaluate: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-          + f" on {len(records)} test images ({decoding.describe()}) -> {args.metrics}; "
-          f"MLflow run {run.info.run_name} ({run.info.run_id})")
+          + f" on {len(records)} test images ({decoding.describe()}) -> {args.metrics}; MLflow run "
+          f"{run.info.run_name}, in `mlflow ui` at /#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+          "?workflowType=machine_learning")
 
 
 if __name__ == "__main__":
