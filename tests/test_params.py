@@ -52,3 +52,16 @@ def test_load_params_names_the_file(tmp_path):
 
 def test_int_is_accepted_where_a_float_is_expected():
     assert parse_params({"train": {"lr": 1}}).train.lr == 1.0
+
+
+def test_a_stage_reads_only_the_params_it_declares():
+    from captioning.params import UndeclaredParamError
+
+    params = load_params(REPO / "params.yaml", ("seed", "model.backbone", "compute"))
+    assert params.model.backbone == "resnet18" and params.compute.device == "auto"
+    with pytest.raises(UndeclaredParamError, match=r"model\.image_size is read but not declared"):
+        params.model.image_size
+    with pytest.raises(UndeclaredParamError, match=r"^train is read but not declared"):
+        params.train
+    assert params.to_dict() == {"seed": params.seed, "model": {"backbone": "resnet18"},
+                                "compute": load_params(REPO / "params.yaml").to_dict()["compute"]}

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -106,6 +107,9 @@ def test_one_mlflow_run_per_experiment_and_the_record_never_changes(tmp_path):
     assert "val_grounded" in before and all(v == v for h in before.values() for _, v in h)  # no NaN
     assert "up to date" in _run(["dvc", "status"], clone, env)
     assert "Running stage" not in _run(["dvc", "repro"], clone, env)
+    # The checkpoint stores what train depends on, nothing more (no evaluate.* to decode with).
+    stored = torch.load(clone / "models" / "checkpoint.pt", weights_only=True)["params"]
+    assert set(stored) == set(yaml.safe_load((clone / "dvc.yaml").read_text())["stages"]["train"]["params"])
     _run(["git", "add", "-A"], clone, env)
     _run(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
     head = _run(["git", "rev-parse", "HEAD"], clone, env).strip()
