@@ -23,7 +23,8 @@ from captioning.report import GalleryItem, gallery_html
 from captioning.serving import log_pyfunc, model_name
 from captioning.synthetic import mentioned_objects, scene_objects
 from captioning.text import Vocabulary
-from captioning.tracking import changed_params, describe_changes, evaluation_run, tracking_uri, write_run_info
+from captioning.tracking import (EXPERIMENT, changed_params, describe_changes, evaluation_run, tracking_uri,
+                                 write_run_info)
 
 PARAMS = ("evaluate", "compute")
 
@@ -59,7 +60,7 @@ def main(args: argparse.Namespace) -> None:
         mlflow.log_metrics({f"test_{k}": v for k, v in scores.items()})
         with tempfile.TemporaryDirectory() as tmp:
             # At the artifact root, where MLflow's compare view looks; this copy names its run.
-            about = {"run": f"{run.info.run_name} ({run.info.run_id})", "experiment": "captioning",
+            about = {"run": f"{run.info.run_name} ({run.info.run_id})", "experiment": EXPERIMENT,
                      "params": describe_changes(changed_params(args.params))}
             gallery = Path(tmp) / "gallery.html"
             gallery.write_text(gallery_html(items, title, scores, about))
@@ -67,8 +68,9 @@ def main(args: argparse.Namespace) -> None:
         mlflow.log_artifact(args.captions)
         name = model_name(run.info.run_name)
         logged = log_pyfunc(args.checkpoint, args.decoding, split.image_path(records[0]), name)
-        mlflow.set_tag("mlflow.note.content", (mlflow.get_run(run.info.run_id).data.tags.get("mlflow.note.content", "")
-                                               + "\n\ntest: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())).strip())
+        note = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.note.content", "")  # the description
+        summary = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+        mlflow.set_tag("mlflow.note.content", f"{note}\n\ntest: {summary}")
         write_run_info(args.run_info, run, train_run_id=trained_in, model_uri=f"runs:/{run.info.run_id}/{name}",
                        tracking_uri=tracking_uri(), logged_model_id=logged.model_id)
     print("evaluate: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
@@ -84,9 +86,9 @@ if __name__ == "__main__":
     parser.add_argument("--vocab", required=True, help="the pipeline's vocabulary; must match the checkpoint's")
     parser.add_argument("--data", required=True, help="dataset folder (captions)")
     parser.add_argument("--images", required=True, help="resized images folder")
-    parser.add_argument("--train-run", required=True, help="train's record of the MLflow run that trained the checkpoint")
+    parser.add_argument("--train-run", required=True, help="train's record of the run that trained the checkpoint")
     parser.add_argument("--metrics", required=True, help="metrics JSON to write")
-    parser.add_argument("--decoding", required=True, help="decoding settings JSON to write (read by caption and the MLflow model)")
+    parser.add_argument("--decoding", required=True, help="decoding JSON to write (for caption and the MLflow model)")
     parser.add_argument("--captions", required=True, help="COCO results JSON to write")
     parser.add_argument("--gallery", required=True, help="HTML gallery to write")
     parser.add_argument("--run-info", required=True, help="JSON to write: this experiment's MLflow run and model")
