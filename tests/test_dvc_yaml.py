@@ -104,3 +104,22 @@ def test_the_folder_of_files_params_name_is_a_dependency(stage):
     for flag, value in zip(words, words[1:]):
         if flag == "--inputs":
             assert value in STAGES[stage]["deps"] and (REPO / value).is_dir()
+
+
+def test_the_library_has_no_import_cycle():
+    """Modules import each other one way (e.g. predict -> model, never back): a cycle means two
+    concepts share a home, and the order of imports starts to matter."""
+    library = REPO / "src" / PACKAGE
+    graph = {p.stem: imported_modules(p) - {p.stem} for p in library.glob("*.py")}
+
+    def cycle_from(node, path):
+        if node in path:
+            return path[path.index(node):] + [node]
+        for nxt in sorted(graph.get(node, ())):
+            found = cycle_from(nxt, path + [node])
+            if found:
+                return found
+        return None
+
+    for module in sorted(graph):
+        assert cycle_from(module, []) is None, " -> ".join(cycle_from(module, []))
