@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import multiprocessing
 import os
 import platform
@@ -719,6 +720,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-wait", type=float, default=60, help="seconds to wait for a quiet machine per run")
     parser.add_argument("--only", help="comma-separated pieces to run (default: all), e.g. "
                                        "eval_beam_single,eval_beam_batched; a captioning piece brings `ours`")
+    parser.add_argument("--json", help="also write the raw results (label -> measurements) to this file")
     args = parser.parse_args(argv)
     setup = dataclasses.replace(Setup(), n_train=args.n_train, n_test=args.n_test,
                                 scale_sizes=tuple(int(n) for n in args.scale_sizes.split(",")),
@@ -745,6 +747,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Machine: {machine(setup.device)}\n")
     print(contention(results))
     print(table(setups, results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":
