@@ -1,8 +1,9 @@
 """Caption metrics in the COCO convention: every score on a 0-1 scale, CIDEr unscaled (CIDEr-D as
 pycocoevalcap computes it, which can exceed 1).
 
-`coco_scores` is the standard: PTB tokenization (Java), BLEU-1..4, METEOR (Java), ROUGE-L,
-CIDEr, and SPICE when asked for (it downloads Stanford models on first use). `quick_scores` is for
+`coco_scores` is the standard: PTB tokenization (Java), BLEU-1..4, METEOR (Java), ROUGE-L and
+CIDEr; not SPICE, which downloads Stanford models on first use and so cannot run offline; no stage
+asks for it. `quick_scores` is for
 per-epoch validation: our own tokenizer and the pure-Python BLEU and CIDEr scorers, no JVM start.
 """
 
@@ -34,7 +35,7 @@ def _check_inputs(references: dict, hypotheses: dict) -> None:
         raise MetricsError(f"{len(missing)} captioned images have no reference caption, e.g. {missing[:3]}")
 
 
-def coco_scores(references: dict[int, list[str]], hypotheses: dict[int, str], spice: bool = False) -> dict[str, float]:
+def coco_scores(references: dict[int, list[str]], hypotheses: dict[int, str]) -> dict[str, float]:
     """pycocoevalcap's scores of `hypotheses` (image id -> caption) against `references`."""
     _check_inputs(references, hypotheses)
     if shutil.which("java") is None:
@@ -53,10 +54,6 @@ def coco_scores(references: dict[int, list[str]], hypotheses: dict[int, str], sp
         _close_meteor(meteor)
     scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
     scores["cider"] = float(Cider().compute_score(gts, res)[0])
-    if spice:
-        from pycocoevalcap.spice.spice import Spice  # optional: downloads Stanford models once
-
-        scores["spice"] = float(Spice().compute_score(gts, res)[0])
     return scores
 
 

@@ -253,10 +253,6 @@ class Captioner(nn.Module):
         return self.decoder(features, captions, lengths)
 
     @torch.no_grad()
-    def caption_ids(self, images: torch.Tensor, end_id: int) -> torch.Tensor:
-        return self.decoder.greedy(self.encoder(images), end_id)
-
-    @torch.no_grad()
     def generate(self, images: torch.Tensor, end_id: int, beam_size: int = 1,
                  length_penalty: float = 0.0, bf16: bool = False) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, L) ids: greedy for `beam_size` 1 (the same ids, less
