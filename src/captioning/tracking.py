@@ -154,14 +154,15 @@ def describe_changes(changed: dict[str, tuple[str, str]] | None) -> str:
     return "changed against the baseline: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
 
 
-def start_pipeline_run(params_path: str | Path, stage: str, tags: dict[str, str] | None = None) -> mlflow.ActiveRun:
+def start_pipeline_run(params_path: str | Path, stage: str, tags: dict[str, str] | None = None,
+                       note: str = "") -> mlflow.ActiveRun:
     """A new MLflow run for this pipeline run, named after the experiment, holding every param.
 
-    Its description (the first thing the run page shows) says what changed against the baseline;
-    the same list is the `params.changed` tag, a column the runs table can show.
+    Its description (the first thing the run page shows) says what changed against the baseline,
+    then `note`; the same list is the `params.changed` tag, a column the runs table can show.
     """
     changed = changed_params(params_path)
-    summary = describe_changes(changed)
+    summary = describe_changes(changed) + note
     run = mlflow.start_run(experiment_id=experiment_id(), run_name=run_name(), description=summary,
                            tags={**run_tags(stage), **(tags or {}),
                                  "params.changed": ", ".join(f"{k}={b}" for k, (_, b) in (changed or {}).items())
@@ -195,12 +196,10 @@ def evaluation_run(params_path: str | Path, train_info_path: str | Path) -> tupl
             and trained.data.params == pipeline_params(params_path)):
         return mlflow.start_run(run_id=trained.info.run_id), trained.info.run_id
     link = {"captioning.train_run_id": info["run_id"], "captioning.train_run_name": info.get("run_name", "")}
-    run = start_pipeline_run(params_path, "evaluate", tags=link)
     where = (f"run {info.get('run_name')} ({info['run_id']})" if trained is not None
              else f"run {info['run_id']}, which is not in {tracking_uri()}")
-    client.set_tag(run.info.run_id, "mlflow.note.content",
-                   f"{describe_changes(changed_params(params_path))}. Evaluate only: the checkpoint was "
-                   f"trained in {where}; its curves are copied here.")
+    note = f". Evaluate only: the checkpoint was trained in {where}; its curves are copied here."
+    run = start_pipeline_run(params_path, "evaluate", tags=link, note=note)
     if trained is not None:
         # the training run's own test scores are of its own evaluation, not this one
         _copy_metrics(client, trained.info.run_id, run.info.run_id,
