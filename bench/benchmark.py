@@ -57,13 +57,14 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.data import DataLoader, Dataset
 
 from captioning import accel, features
-from captioning.datasets import SPLITS, Split, images_dir, read_split, write_synthetic
-from captioning.images import EvalTransform, TrainTransform, resize_all
+from captioning.datasets import SPLITS, Split, images_dir, read_split
+from captioning.images import Transform, resize_all
 from captioning.model import Captioner
 from captioning.params import ComputeParams, DataParams, EvaluateParams, ModelParams, TrainParams
 from captioning.predict import Decoding, caption_images
+from captioning.synthetic import write_dataset
 from captioning.text import Vocabulary, tokenize
-from captioning.training import fit, trainable_parameters
+from captioning.training import fit, trainable_parameters, training_data
 
 RESIZE_SIDE = 256  # the resize stage's output, as in the seed
 JPEG_QUALITY = 95
@@ -260,7 +261,7 @@ def prepare_data(paths: Paths, setup: Setup, scaling: bool = True) -> None:
     copies and the vocab."""
     n_train = max(setup.n_train, *setup.scale_sizes) if scaling else setup.n_train
     params = DataParams(num_train=n_train, num_val=20, num_test=setup.n_test, workers=2)
-    write_synthetic(paths.raw, params, seed=setup.seed)
+    write_dataset(paths.raw, params, seed=setup.seed)
     for split in SPLITS:
         records = read_split(paths.raw, split).images
         resize_all([(images_dir(paths.raw, split) / r["file_name"], images_dir(paths.images, split) / r["file_name"])
@@ -269,9 +270,14 @@ def prepare_data(paths: Paths, setup: Setup, scaling: bool = True) -> None:
     Vocabulary.build((c for caps in train.captions.values() for c in caps), threshold=1).save(paths.vocab)
 
 
+def resized_split(paths: Paths, name: str) -> Split:
+    """A split's raw captions, its images the resized copies."""
+    return dataclasses.replace(read_split(paths.raw, name), images_dir=images_dir(paths.images, name))
+
+
 def train_subset(paths: Paths, n: int) -> Split:
     """The first n train images (resized copies), with their captions."""
-    split = read_split(paths.raw, "train", images_root=paths.images)
+    split = resized_split(paths, "train")
     images = split.images[:n]
     return Split(images, {r["id"]: split.captions[r["id"]] for r in images}, split.images_dir)
 
@@ -282,7 +288,7 @@ def train_subset(paths: Paths, n: int) -> Split:
 class SeedStyleDataset(Dataset):
     """One item per (image, caption) pair; decodes and tokenizes on every access, as the seed did."""
 
-    def __init__(self, split: Split, vocab: Vocabulary, transform: TrainTransform):
+    def __init__(self, split: Split, vocab: Vocabulary, transform: Transform):
         self.pairs = [(split.image_path(r), c) for r in split.images for c in split.captions[r["id"]]]
         self.vocab, self.transform = vocab, transform
 
@@ -327,7 +333,7 @@ def run_seed_style(paths: Paths, setup: Setup) -> dict:
     split = train_subset(paths, setup.n_train)
     model = new_model(setup, vocab, setup.image_size)
     device = setup.torch_device()
-    transform = TrainTransform(setup.image_size, random_crop=True, hflip=False)
+    transform = Transform(setup.image_size, random_crop=True)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=setup.lr)
     criterion = nn.CrossEntropyLoss()
     watch = Stopwatch()
@@ -373,12 +379,13 @@ def run_ours(paths: Paths, setup: Setup, n_train: int, image_size: int, captions
              save_model: bool = False) -> dict:
     vocab = Vocabulary.load(paths.vocab)
     split = train_subset(paths, n_train)
-    val = read_split(paths.raw, "val", images_root=paths.images)
+    val = resized_split(paths, "val")
     model = new_model(setup, vocab, image_size)
     clock = StepClock()
     watch = Stopwatch()  # includes fit's up-front caption tokenization
-    result = fit(model, vocab, split, val, setup.model_params(image_size), setup.train_params(captions_per_image),
-                 setup.seed, setup.torch_device(), clock, compute=setup.compute_params())
+    params = setup.train_params(captions_per_image)
+    result = fit(model, training_data(vocab, split, val, image_size, params), params, seed=setup.seed,
+                 device=setup.torch_device(), callbacks=clock, compute=setup.compute_params())
     if save_model:
         torch.save({"config": model.config, "state": result.best_state}, paths.model(image_size))
     last = clock.losses[-LAST_STEPS:]
@@ -392,18 +399,20 @@ def run_ours_cached(paths: Paths, setup: Setup) -> dict:
     cached features."""
     vocab = Vocabulary.load(paths.vocab)
     split = train_subset(paths, setup.n_train)
-    val = read_split(paths.raw, "val", images_root=paths.images)
+    val = resized_split(paths, "val")
     model = new_model(setup, vocab, setup.image_size)
     extraction = Stopwatch()
     cached = tuple(features.extract(model.encoder.backbone, [s.image_path(r) for r in s.images],
-                                    image_size=setup.image_size, device=setup.torch_device(),
-                                    num_workers=setup.num_workers, bf16=setup.bf16, desc="bench features")
+                                    image_size=setup.image_size, device=setup.torch_device(), views=1,
+                                    hflip=False, seed=setup.seed, batch_size=128, num_workers=setup.num_workers,
+                                    bf16=setup.bf16, desc="bench features")
                    for s in (split, val))
     extract_seconds = extraction.stop()["seconds"]
     clock = StepClock()
     watch = Stopwatch()
-    fit(model, vocab, split, val, setup.model_params(), setup.train_params(), setup.seed,
-        setup.torch_device(), clock, features=cached, compute=setup.compute_params())
+    params = setup.train_params()
+    fit(model, training_data(vocab, split, val, setup.image_size, params, cached), params, seed=setup.seed,
+        device=setup.torch_device(), callbacks=clock, compute=setup.compute_params())
     last = clock.losses[-LAST_STEPS:]
     return {**watch.stop(end=clock.times[-1]), "extract_seconds": extract_seconds,
             "extracted": sum(len(c) for c in cached), "steps": len(clock.losses),
@@ -453,7 +462,7 @@ def run_caption(paths: Paths, setup: Setup, batch_size: int, beam_size: int = 1)
     saved = torch.load(paths.model(setup.image_size), map_location="cpu", weights_only=True)
     model = Captioner(saved["config"])
     model.load_state_dict(saved["state"])
-    test = read_split(paths.raw, "test", images_root=paths.images)
+    test = resized_split(paths, "test")
     image_paths = [test.image_path(r) for r in test.images]
     device = setup.torch_device()
     decoding = Decoding(beam_size, EvaluateParams.length_penalty, setup.bf16)
@@ -477,7 +486,7 @@ def seed_sample(decoder, features: torch.Tensor) -> torch.Tensor:
 
 def run_caption_seed_style(paths: Paths, setup: Setup) -> dict:
     """The seed's way to caption: one image at a time, as its sample script does: open and
-    transform the image, the encoder, `sample`, ids to words. (The same EvalTransform as ours, so
+    transform the image, the encoder, `sample`, ids to words. (The same Transform as ours, so
     both sides see identical pixels and must agree on every caption.)"""
     vocab = Vocabulary.load(paths.vocab)
     saved = torch.load(paths.model(setup.image_size), map_location="cpu", weights_only=True)
@@ -485,9 +494,9 @@ def run_caption_seed_style(paths: Paths, setup: Setup) -> dict:
     model.load_state_dict(saved["state"])
     device = setup.torch_device()
     model.eval().to(device)
-    test = read_split(paths.raw, "test", images_root=paths.images)
+    test = resized_split(paths, "test")
     image_paths = [test.image_path(r) for r in test.images]
-    transform = EvalTransform(model.config["image_size"])
+    transform = Transform(model.config["image_size"])
 
     @torch.no_grad()
     def caption_one(path: Path) -> str:

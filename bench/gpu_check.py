@@ -23,10 +23,11 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.data import DataLoader
 
 from captioning.data import ImageDataset
-from captioning.datasets import images_dir, read_split, write_synthetic
-from captioning.images import EvalTransform, resize_all
+from captioning.datasets import images_dir, read_split
+from captioning.images import Transform, resize_all
 from captioning.model import Captioner
 from captioning.params import DataParams, ModelParams
+from captioning.synthetic import write_dataset
 from captioning.text import Vocabulary
 
 SEED_MODEL = ModelParams(backbone="resnet152", train_backbone=False, image_size=224, embed_size=256,
@@ -52,7 +53,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     work = Path(tempfile.mkdtemp())
     data = dataclasses.replace(DataParams(), num_train=args.images, num_val=8, num_test=8, workers=os.cpu_count())
-    write_synthetic(work / "raw", data, seed=0)
+    write_dataset(work / "raw", data, seed=0)
     split = read_split(work / "raw", "train")
     pairs = [(split.image_path(r), images_dir(work / "resized", "train") / r["file_name"]) for r in split.images]
     resize_all(pairs, 256, 95, workers=os.cpu_count())
@@ -72,13 +73,13 @@ def main() -> None:
 
     rows.append(f"feature extraction, preloaded tensors (GPU-bound): {256 / timed(extract, 10):,.0f} images/s")
 
-    loader = DataLoader(ImageDataset(paths, EvalTransform(224)), batch_size=256, num_workers=os.cpu_count() - 1,
+    loader = DataLoader(ImageDataset(paths, Transform(224)), batch_size=256, num_workers=os.cpu_count() - 1,
                         pin_memory=True, persistent_workers=True)
     for _ in loader:  # warm the workers and the page cache
         break
     start, seen = time.perf_counter(), 0
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        for images, _ in loader:
+        for images in loader:
             model.encoder.pooled(images.to(device, non_blocking=True).to(memory_format=torch.channels_last))
             seen += len(images)
     torch.cuda.synchronize()
@@ -107,7 +108,7 @@ def main() -> None:
     model.eval()
 
     def caption():
-        model.generate(batch, vocab.end_id, bf16=True)  # greedy; the CNN under bf16 autocast
+        model.generate(batch, vocab.end_id, beam_size=1, length_penalty=0.0, bf16=True)  # greedy; CNN in bf16
 
     rows.append(f"batched greedy captioning (batch 256, up to 20 tokens), bf16: {256 / timed(caption, 5):,.0f} captions/s")
     print("\n".join(rows))

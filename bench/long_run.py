@@ -4,7 +4,7 @@
 
 Trains the real model with the real `captioning.training.fit` (called as stages/train.py calls it,
 with params.yaml's model sizes and a frozen resnet18) on a small synthetic dataset generated
-into a temporary folder (`write_synthetic`, then `resize_all` to 64 px), for many epochs. Each
+into a temporary folder (`synthetic.write_dataset`, then `resize_all` to 64 px), for many epochs. Each
 epoch records:
 
 * RSS of the main process at the end of the epoch (after fit's validation) and its maximum
@@ -39,12 +39,13 @@ from pathlib import Path
 import psutil
 import torch
 
-from captioning.datasets import SPLITS, images_dir, read_split, write_synthetic
+from captioning.datasets import SPLITS, images_dir, read_split
 from captioning.images import resize_all
 from captioning.model import Captioner
 from captioning.params import ComputeParams, DataParams, load_params
 from captioning.text import Vocabulary
-from captioning.training import fit
+from captioning.synthetic import write_dataset
+from captioning.training import fit, training_data
 
 from benchmark import QUIET_LOAD, busy_cpu_seconds, own_cpu_seconds  # bench/benchmark.py: the same contention measure
 
@@ -113,7 +114,7 @@ def slope(xs: list[float], ys: list[float]) -> float:
 def prepare(root: Path, n_train: int, n_val: int, seed: int, side: int) -> Vocabulary:
     raw, resized = root / "raw", root / "resized"
     # Small sources: generation and resizing are not what is measured.
-    write_synthetic(raw, DataParams(num_train=n_train, num_val=n_val, num_test=1, min_side=96, max_side=160,
+    write_dataset(raw, DataParams(num_train=n_train, num_val=n_val, num_test=1, min_side=96, max_side=160,
                                     workers=0), seed)
     for split in SPLITS:
         pairs = [(images_dir(raw, split) / r["file_name"], images_dir(resized, split) / r["file_name"])
@@ -196,14 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="caption-long-run-") as tmp:
         root = Path(tmp)
         vocab = prepare(root, args.n_train, args.n_val, args.seed, args.side)
-        train = read_split(root / "raw", "train", images_root=root / "resized")
-        val = read_split(root / "raw", "val", images_root=root / "resized")
+        train, val = (dataclasses.replace(read_split(root / "raw", name), images_dir=images_dir(root / "resized", name))
+                      for name in ("train", "val"))
         torch.manual_seed(args.seed)
         model = Captioner.build(model_params, len(vocab))
         probe = EpochProbe()
         print(f"[long-run] data ready in {time.perf_counter() - started:.0f} s; training {args.epochs} epochs "
               f"of {len(train.images)} images", flush=True)
-        result = fit(model, vocab, train, val, model_params, train_params, args.seed, torch.device("cpu"), probe,
+        data = training_data(vocab, train, val, model_params.image_size, train_params)
+        result = fit(model, data, train_params, seed=args.seed, device=torch.device("cpu"), callbacks=probe,
                      compute=compute)
     print(f"\n[long-run] {result.steps} steps in {result.seconds:.0f} s; total {time.perf_counter() - started:.0f} s")
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs; "

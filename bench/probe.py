@@ -30,7 +30,8 @@ PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 def labelled(split, cnn, image_size: int, n: int):
     records = split.images[:n]
     pooled = features.extract(cnn, [split.image_path(r) for r in records], image_size=image_size,
-                              device=torch.device("cpu"), num_workers=1, desc="probe features")
+                              device=torch.device("cpu"), views=1, hflip=False, seed=0, batch_size=128,
+                              num_workers=1, bf16=False, desc="probe features")
     labels = [[float(p in scene_objects(r["scene"])) for p in PAIRS] for r in records]
     return torch.from_numpy(pooled[:, 0].astype(np.float32)), torch.tensor(labels), records
 

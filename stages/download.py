@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from captioning import datasets, sources
+from captioning import datasets, sources, synthetic
 from captioning.download import DownloadError
 from captioning.io import atomic_path, write_json_atomic
 from captioning.params import ParamsError, check_inputs, load_params
@@ -28,7 +28,7 @@ def main(params_path: str, out: str, downloads: str, summary: str, inputs: str) 
     started = time.perf_counter()
     if params.data.source == "synthetic":
         with atomic_path(out) as tmp:
-            sizes = datasets.write_synthetic(tmp, params.data, params.seed)
+            sizes = synthetic.write_dataset(tmp, params.data, params.seed)
         note, missing = "", 0
     else:
         try:

@@ -12,16 +12,15 @@ from pathlib import Path
 
 import mlflow
 
-from captioning import accel
+from captioning import accel, synthetic
 from captioning.checkpoint import load_checkpoint
 from captioning.datasets import read_split
 from captioning.io import write_json_atomic, write_text_atomic
-from captioning.metrics import coco_scores, grounded_score
+from captioning.metrics import coco_scores
 from captioning.params import load_params
 from captioning.predict import Decoding, caption_images
 from captioning.report import GalleryItem, gallery_html
 from captioning.serving import log_pyfunc, model_name
-from captioning.synthetic import mentioned_objects, scene_objects
 from captioning.text import Vocabulary
 from captioning.tracking import (EXPERIMENT, changed_params, describe_changes, evaluation_run, tracking_uri,
                                  write_run_info)
@@ -34,23 +33,23 @@ def main(args: argparse.Namespace) -> None:
     settings = params.evaluate
     device = accel.prepare(params.compute)  # before any tensor work: it picks the CPU kernels
     model, vocab, _ = load_checkpoint(args.checkpoint, expect_vocab=Vocabulary.load(args.vocab))
-    split = read_split(args.data, "test", images_root=args.images)
-    records = [r for r in split.images if split.captions[r["id"]]]
+    split = read_split(args.data, "test")
+    records = split.captioned()
     decoding = Decoding(settings.beam_size, settings.length_penalty, params.compute.bf16)
     captions = caption_images(model, vocab, [split.image_path(r) for r in records], device, decoding,
                               settings.batch_size, params.compute.num_workers)
     hypotheses = {r["id"]: c for r, c in zip(records, captions)}
     scores = coco_scores(split.captions, hypotheses)
-    scenes = {r["id"]: r["scene"] for r in records if "scene" in r}
-    if len(scenes) == len(records):
-        scores["grounded"] = grounded_score(scenes, hypotheses)
+    scenes = synthetic.has_scenes(records)
+    if scenes:
+        scores |= synthetic.scene_scores(records, hypotheses)
     scores = {k: round(v, 6) for k, v in scores.items()}
     write_json_atomic(args.metrics, scores)
     decoding.save(args.decoding)
     results = [{"image_id": i, "caption": c} for i, c in hypotheses.items()]  # COCO results format
     write_json_atomic(args.captions, results)
     items = [GalleryItem(split.image_path(r), hypotheses[r["id"]], split.captions[r["id"]],
-                         mentioned_objects(hypotheses[r["id"]]) == scene_objects(r["scene"]) if "scene" in r else None)
+                         synthetic.verdict(hypotheses[r["id"]], r["scene"]) if scenes else None)
              for r in records[: settings.gallery_size]]
     title = f"Test captions ({decoding.describe()})"
     write_text_atomic(args.gallery, gallery_html(items, title, scores))
@@ -84,8 +83,7 @@ if __name__ == "__main__":
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--vocab", required=True, help="the pipeline's vocabulary; must match the checkpoint's")
-    parser.add_argument("--data", required=True, help="dataset folder (captions)")
-    parser.add_argument("--images", required=True, help="resized images folder")
+    parser.add_argument("--data", required=True, help="dataset folder (captions and images)")
     parser.add_argument("--train-run", required=True, help="train's record of the run that trained the checkpoint")
     parser.add_argument("--metrics", required=True, help="metrics JSON to write")
     parser.add_argument("--decoding", required=True, help="decoding JSON to write (for caption and the MLflow model)")

@@ -36,7 +36,7 @@ def main(args: argparse.Namespace) -> None:
         settings = params.features
         total = 0
         for split in SPLITS:
-            data = read_split(args.data, split, images_root=args.images)
+            data = read_split(args.data, split)
             views = settings.views if split == "train" else 1  # evaluation sees the centre crop
             array = features.extract(
                 cnn, [data.image_path(r) for r in data.images], image_size=params.model.image_size,
@@ -54,8 +54,7 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", required=True, help="dataset folder (captions)")
-    parser.add_argument("--images", required=True, help="resized images folder")
+    parser.add_argument("--data", required=True, help="dataset folder (captions and images)")
     parser.add_argument("--backbone", required=True, help="backbone weights (pretrain's output)")
     parser.add_argument("--out", required=True, help="features folder to create")
     main(parser.parse_args())

@@ -28,7 +28,7 @@ def main(args: argparse.Namespace) -> None:
     backbone = load_backbone(params.model)  # ImageNet weights when model.pretrained
     summary = {"pretrain_epochs": params.pretrain.epochs}
     if params.pretrain.epochs:
-        split = read_split(args.data, "train", images_root=args.images)
+        split = read_split(args.data, "train")
         concepts = build_concepts(split, params.pretrain.max_concepts, params.pretrain.min_images)
         summary |= pretrain_backbone(
             backbone, split, concepts, image_size=params.model.image_size, epochs=params.pretrain.epochs,
@@ -47,8 +47,7 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", required=True, help="dataset folder (captions)")
-    parser.add_argument("--images", required=True, help="resized images folder")
+    parser.add_argument("--data", required=True, help="dataset folder (captions and images)")
     parser.add_argument("--out", required=True, help="backbone state_dict to write")
     parser.add_argument("--metrics", required=True, help="pretrain summary JSON to write")
     parser.add_argument("--inputs", required=True, help="folder holding the file model.weights_path names")

@@ -32,12 +32,13 @@ def main(params_path: str, data: str, out: str) -> None:
         check_links(data)
     except DatasetError as err:
         raise SystemExit(f"resize: {err}") from None
-    total, report = 0, {"on_bad_image": policy, "counts": {}, "skipped": {}, "without_caption": {}, "empty_captions": {}}
+    total, reasons = 0, Counter()
+    report = {"on_bad_image": policy, "counts": {}, "skipped": {}, "without_caption": {}, "empty_captions": {}}
     with atomic_path(out) as tmp:
         for split in SPLITS:
             raw = read_split(data, split)
             # Images without a caption teach and score nothing: left out here, and counted.
-            records = [r for r in raw.images if raw.captions[r["id"]]]
+            records = raw.captioned()
             pairs = [(images_dir(data, split) / r["file_name"], images_dir(tmp, split) / r["file_name"])
                      for r in records]
             images_dir(tmp, split).mkdir(parents=True)
@@ -51,12 +52,12 @@ def main(params_path: str, data: str, out: str) -> None:
             info = load_json(captions_path(data, split)).get("info", {})
             doc = coco_captions(kept, raw.captions, info.get("description", split))
             captions_path(tmp, split).write_text(json.dumps(doc, separators=(",", ":")))
-            report["skipped"][split] = [{"file_name": records[i]["file_name"], "id": records[i]["id"], "reason": why}
-                                        for i, why in sorted(bad.items())]
+            report["skipped"][split] = [{"file_name": records[i]["file_name"], "id": records[i]["id"],
+                                         "reason": bad[i].reason} for i in sorted(bad)]
+            reasons.update(error.kind for error in bad.values())
             report["without_caption"][split] = len(raw.images) - len(records)
             report["empty_captions"][split] = raw.empty_captions
             total += len(kept)
-        reasons = Counter(entry["reason"].split(" (")[0] for split in SPLITS for entry in report["skipped"][split])
         report["counts"] = dict(sorted(reasons.items()))
         write_json_atomic(Path(tmp) / "bad_images.json", report)
     seconds = time.perf_counter() - started

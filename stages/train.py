@@ -14,15 +14,15 @@ from pathlib import Path
 import mlflow
 import torch
 
-from captioning import accel, features
+from captioning import accel, features, synthetic
 from captioning.checkpoint import save_checkpoint
 from captioning.datasets import read_split
 from captioning.io import write_json_atomic, write_text_atomic
 from captioning.model import Captioner
 from captioning.params import load_params
 from captioning.text import Vocabulary
-from captioning.tracking import MetricLogger, flatten, start_pipeline_run, write_run_info
-from captioning.training import fit
+from captioning.tracking import MetricLogger, start_pipeline_run, write_run_info
+from captioning.training import fit, training_data
 
 # What train depends on (dvc.yaml lists the same); the checkpoint stores exactly these.
 PARAMS = ("seed", "model", "features", "train", "compute")
@@ -61,9 +61,8 @@ def resume_key(params, vocab: Vocabulary, *inputs: Path) -> str:
     The cached features are keyed by what makes them (the backbone file and `features.*`), not
     hashed: on COCO with several views they are gigabytes."""
     sections = params.to_dict()
-    blob = json.dumps([params.seed, flatten(sections["model"]), flatten(sections["train"]),
-                       flatten(sections["features"]), vocab.words,
-                       [hashlib.sha256(path.read_bytes()).hexdigest() for path in inputs]])
+    blob = json.dumps([params.seed, sections["model"], sections["train"], sections["features"], vocab.words,
+                       [hashlib.sha256(path.read_bytes()).hexdigest() for path in inputs]], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -101,11 +100,11 @@ def main(args: argparse.Namespace) -> None:
     here = accel.init_distributed(device)
     device = accel.device_for(device, here)
     vocab = Vocabulary.load(args.vocab)
-    train_split = read_split(args.data, "train", images_root=args.images)
-    val_split = read_split(args.data, "val", images_root=args.images)
-    if params.train.select_metric == "grounded" and not all("scene" in r for r in val_split.images):
-        raise SystemExit("train: train.select_metric is grounded, which needs the synthetic dataset's "
-                         "scenes; this dataset has none: pick cider, bleu_4 or val_loss")
+    train_split, val_split = read_split(args.data, "train"), read_split(args.data, "val")
+    scenes = synthetic.has_scenes(val_split.captioned())
+    if params.train.select_metric in synthetic.SCENE_METRICS and not scenes:
+        raise SystemExit(f"train: train.select_metric is {params.train.select_metric}, which needs the synthetic "
+                         "dataset's scenes; this dataset has none: pick cider, bleu_4 or val_loss")
     backbone_state = torch.load(args.backbone, map_location="cpu", weights_only=True)
     model = Captioner.build(params.model, len(vocab), backbone_state)
     cached = None
@@ -113,12 +112,14 @@ def main(args: argparse.Namespace) -> None:
         size = model.encoder.feature_size
         cached = tuple(features.read(args.features, name, [r["id"] for r in split.images], size)
                        for name, split in (("train", train_split), ("val", val_split)))
+    data = training_data(vocab, train_split, val_split, params.model.image_size, params.train, cached,
+                         synthetic.scene_scores if scenes else None)
     resume = Path(args.resume_dir) / "train-{}.pt".format(
         resume_key(params, vocab, Path(args.data) / "train" / "captions.json", Path(args.backbone)))
 
     def train(callbacks):
-        result = fit(model, vocab, train_split, val_split, params.model, params.train, params.seed,
-                     device, callbacks, resume_path=resume, features=cached, here=here, compute=params.compute)
+        result = fit(model, data, params.train, seed=params.seed, device=device, callbacks=callbacks,
+                     compute=params.compute, here=here, resume_path=resume)
         accel.leave_distributed()
         return result
 
@@ -154,8 +155,7 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", required=True, help="dataset folder (captions)")
-    parser.add_argument("--images", required=True, help="resized images folder")
+    parser.add_argument("--data", required=True, help="dataset folder (captions and images)")
     parser.add_argument("--vocab", required=True)
     parser.add_argument("--backbone", required=True, help="backbone weights (pretrain's output)")
     parser.add_argument("--features", required=True, help="cached backbone features (features' output)")

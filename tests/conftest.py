@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from captioning.datasets import write_synthetic
+from captioning.synthetic import write_dataset
 from captioning.params import DataParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def tiny_data(tmp_path_factory) -> Path:
     """A small synthetic dataset in the pipeline's layout: 48 train, 12 val, 12 test images."""
     out = tmp_path_factory.mktemp("data") / "raw"
     params = dataclasses.replace(DataParams(), num_train=48, num_val=12, num_test=12, workers=1)
-    write_synthetic(out, params, seed=7)
+    write_dataset(out, params, seed=7)
     return out
 
 

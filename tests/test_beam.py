@@ -57,8 +57,8 @@ def test_generate_with_beam_1_gives_greedy_ids_from_images():
     images = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
         greedy = model.decoder.greedy(model.encoder(images), END)
-    assert torch.equal(model.generate(images, END, beam_size=1), greedy)
-    beam = model.generate(images, END, beam_size=3, length_penalty=0.5)
+    assert torch.equal(model.generate(images, END, beam_size=1, length_penalty=0.0, bf16=False), greedy)
+    beam = model.generate(images, END, beam_size=3, length_penalty=0.5, bf16=False)
     assert beam.shape[0] == 6 and 1 <= beam.shape[1] <= SMALL.max_seq_len
 
 

@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from captioning.data import CaptionDataset, EpochBatchSampler, collate_captions
 from captioning.datasets import read_split
-from captioning.images import EvalTransform, TrainTransform
+from captioning.images import Transform, load_rgb, normalize, scaled_side
 from captioning.text import Vocabulary
 
 
@@ -31,7 +32,7 @@ def test_sampler_is_a_function_of_seed_and_epoch_and_resumes():
 def test_dataset_items_and_augmentation_depend_only_on_item_seed(tiny_data):
     split = read_split(tiny_data, "train")
     vocab = Vocabulary.build([c for cs in split.captions.values() for c in cs], 1)
-    dataset = CaptionDataset(split, vocab, TrainTransform(64, random_crop=True, hflip=True))
+    dataset = CaptionDataset(split, vocab, Transform(64, random_crop=True, hflip=True))
     image, captions = dataset[(0, 123)]
     assert image.shape == (3, 64, 64) and image.dtype == torch.float32
     assert len(captions) == 5 and captions[0][0] == vocab.start_id
@@ -39,12 +40,19 @@ def test_dataset_items_and_augmentation_depend_only_on_item_seed(tiny_data):
     assert any(not torch.equal(dataset[(0, s)][0], image) for s in range(124, 130))
 
 
-def test_eval_transform_is_the_centre_of_the_train_scale(tiny_data):
+def test_eval_transform_is_the_centre_crop_of_the_train_scale(tiny_data):
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
     split = read_split(tiny_data, "val")
-    from captioning.images import load_rgb
     image = load_rgb(split.image_path(split.images[0]))
-    centre = TrainTransform(64, random_crop=False, hflip=False)(image, None)
-    assert torch.equal(EvalTransform(64)(image), centre)
+    side = scaled_side(64)  # 73: the crops of training are taken from this scale
+    offset = (side - 64) // 2
+    expected = image.resize((side, side), Image.Resampling.BILINEAR).crop((offset, offset, offset + 64, offset + 64))
+    assert torch.equal(Transform(64)(image), normalize(pil_to_tensor(expected)))
+    random_crop = Transform(64, random_crop=True)
+    with pytest.raises(ValueError, match="needs the item's rng"):
+        random_crop(image)
 
 
 def test_distributed_ranks_share_every_batch_of_the_single_process_run():

@@ -13,11 +13,11 @@ import torchvision
 
 from captioning import features
 from captioning.datasets import read_split
-from captioning.images import EvalTransform, load_rgb
+from captioning.images import Transform, load_rgb
 from captioning.model import Captioner, trunk
 from captioning.params import ComputeParams, ModelParams, TrainParams
 from captioning.text import Vocabulary
-from captioning.training import fit
+from captioning.training import fit, training_data
 
 SIZE = 32
 
@@ -31,15 +31,16 @@ def test_views_are_the_centre_crop_then_seeded_random_crops(tiny_data):
     split = read_split(tiny_data, "val")
     paths = [split.image_path(r) for r in split.images[:5]]
     cnn = _cnn()
-    array = features.extract(cnn, paths, image_size=SIZE, device=torch.device("cpu"), views=3, seed=1,
-                             batch_size=2)
+    settings = dict(image_size=SIZE, device=torch.device("cpu"), views=3, hflip=False, seed=1, num_workers=0,
+                    bf16=False)
+    array = features.extract(cnn, paths, batch_size=2, **settings)
     assert array.shape == (5, 3, 512) and array.dtype == np.float16
     with torch.no_grad():
-        centre = cnn(torch.stack([EvalTransform(SIZE)(load_rgb(p)) for p in paths])).flatten(1)
+        centre = cnn(torch.stack([Transform(SIZE)(load_rgb(p)) for p in paths])).flatten(1)
     assert torch.allclose(torch.from_numpy(array[:, 0]).float(), centre, rtol=1e-2, atol=1e-3)
     assert not np.array_equal(array[:, 1], array[:, 0]) and not np.array_equal(array[:, 1], array[:, 2])
-    again = features.extract(cnn, paths, image_size=SIZE, device=torch.device("cpu"), views=3, seed=1)
-    assert np.array_equal(array, again)  # the same crops whatever the batch size
+    again = features.extract(cnn, paths, batch_size=5, **{**settings, "num_workers": 2})
+    assert np.array_equal(array, again)  # the same crops whatever the batch size and workers
 
 
 def test_read_refuses_features_of_other_images_or_backbone(tmp_path):
@@ -65,7 +66,7 @@ def test_training_from_cached_features_matches_training_from_the_images(tiny_dat
     train, val = read_split(tiny_data, "train"), read_split(tiny_data, "val")
     vocab = Vocabulary.build([c for cs in train.captions.values() for c in cs], 1)
     model_params = ModelParams(image_size=SIZE, embed_size=16, hidden_size=24, train_backbone=False)
-    params = TrainParams(epochs=2, batch_size=40, random_crop=False, log_every=1)
+    params = TrainParams(epochs=2, batch_size=40, captions_per_image=0, random_crop=False, log_every=1)
     cpu = torch.device("cpu")
     state = {k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items()
              if not k.startswith("fc.")}
@@ -73,11 +74,12 @@ def test_training_from_cached_features_matches_training_from_the_images(tiny_dat
     def run(cached):
         torch.manual_seed(3)
         model = Captioner.build(model_params, len(vocab), state)
-        return fit(model, vocab, train, val, model_params, params, seed=5, device=cpu, callbacks=_Quiet(),
-                   features=cached, compute=ComputeParams(num_workers=0))
+        data = training_data(vocab, train, val, SIZE, params, cached)
+        return fit(model, data, params, seed=5, device=cpu, callbacks=_Quiet(), compute=ComputeParams(num_workers=0))
 
     cnn = Captioner.build(model_params, len(vocab), state).encoder.backbone
-    cached = tuple(features.extract(cnn, [s.image_path(r) for r in s.images], image_size=SIZE, device=cpu)
+    cached = tuple(features.extract(cnn, [s.image_path(r) for r in s.images], image_size=SIZE, device=cpu,
+                                    views=1, hflip=False, seed=0, batch_size=16, num_workers=0, bf16=False)
                    for s in (train, val))
     from_images, from_features = run(None), run(cached)
     assert from_features.steps == from_images.steps
@@ -91,5 +93,6 @@ def test_cached_features_need_a_frozen_backbone(tiny_data):
     model = Captioner.build(model_params, len(vocab), None)
     dummy = np.zeros((len(train.images), 1, 512), np.float16)
     with pytest.raises(ValueError, match="frozen backbone"):
-        fit(model, vocab, train, train, model_params, dataclasses.replace(TrainParams(), epochs=1),
-            seed=0, device=torch.device("cpu"), callbacks=_Quiet(), features=(dummy, dummy))
+        params = dataclasses.replace(TrainParams(), epochs=1)
+        fit(model, training_data(vocab, train, train, SIZE, params, (dummy, dummy)), params, seed=0,
+            device=torch.device("cpu"), callbacks=_Quiet(), compute=ComputeParams(num_workers=0))

@@ -4,7 +4,7 @@ import pytest
 from pycocoevalcap.eval import COCOEvalCap
 from pycocotools.coco import COCO
 
-from captioning.metrics import METRIC_NAMES, MetricsError, coco_scores, grounded_score, quick_scores
+from captioning.metrics import METRIC_NAMES, MetricsError, coco_scores, quick_scores
 
 REFS = {
     1: ["A red circle to the left of a blue square.", "a red disk and a blue box", "two shapes: red circle, blue square"],
@@ -47,13 +47,6 @@ def test_perfect_captions_score_bleu_one():
     refs = {1: ["a red circle"], 2: ["two blue squares and a star"]}
     scores = quick_scores(refs, {1: "a red circle", 2: "two blue squares and a star"})
     assert scores["bleu_4"] == pytest.approx(1.0, abs=1e-6)
-
-
-def test_grounded_score_counts_exact_object_sets():
-    scenes = {1: {"objects": [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "square"}]},
-              2: {"objects": [{"colour": "green", "shape": "triangle"}]}}
-    assert grounded_score(scenes, {1: "a blue box right of a red disk", 2: "a green triangle"}) == 1.0
-    assert grounded_score(scenes, {1: "a red circle", 2: "a green triangle"}) == 0.5
 
 
 def test_missing_references_are_an_error():

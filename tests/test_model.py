@@ -22,13 +22,13 @@ def test_encoder_decoder_shapes():
 def test_greedy_decoding_shape_and_early_stop():
     torch.manual_seed(0)
     model = Captioner.build(SMALL, vocab_size=11).eval()
-    ids = model.generate(torch.randn(3, 3, 64, 64), end_id=2)  # beam 1: greedy
+    ids = model.generate(torch.randn(3, 3, 64, 64), end_id=2, beam_size=1, length_penalty=0.0, bf16=False)  # beam 1: greedy
     assert ids.shape[0] == 3 and 1 <= ids.shape[1] <= 7
     # A decoder that always predicts <end> stops after <start> + one step.
     with torch.no_grad():
         model.decoder.linear.weight.zero_()
         model.decoder.linear.bias.copy_(torch.arange(11) == 2)
-    assert model.generate(torch.randn(3, 3, 64, 64), end_id=2).shape == (3, 2)
+    assert model.generate(torch.randn(3, 3, 64, 64), end_id=2, beam_size=1, length_penalty=0.0, bf16=False).shape == (3, 2)
 
 
 def test_frozen_backbone_stays_in_eval_mode_and_gets_no_gradient():

@@ -4,7 +4,7 @@ import torchvision
 
 from captioning.data import EpochBatchSampler, load_scaled
 from captioning.datasets import read_split
-from captioning.images import TrainTransform, scaled_side
+from captioning.images import Transform, scaled_side
 from captioning.model import Captioner
 from captioning.params import ModelParams
 from captioning.pretrain import ConceptTargets, build_concepts, caption_concepts, image_batches, pretrain_backbone
@@ -34,7 +34,8 @@ def test_pretrain_changes_the_backbone_and_the_captioner_loads_it(tiny_data):
     backbone = torchvision.models.resnet18()
     before = backbone.conv1.weight.clone()
     summary = pretrain_backbone(backbone, split, concepts, image_size=32, epochs=1, batch_size=16,
-                                lr=0.002, seed=0, device=torch.device("cpu"), log=lambda _: None)
+                                lr=0.002, seed=0, device=torch.device("cpu"), num_workers=0, bf16=False,
+                                schedule="constant", log=lambda _: None)
     assert summary["pretrain_steps"] == 3 and summary["concepts"] == len(concepts)
     assert not torch.equal(before, backbone.conv1.weight)
     state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
@@ -46,7 +47,7 @@ def test_images_decoded_once_give_the_batches_the_workers_give(tiny_data):
     # The in-memory path is a speed-up only: same crops, flips and order as streaming.
     split = read_split(tiny_data, "train")
     paths = [split.image_path(r) for r in split.images]
-    transform = TrainTransform(32, random_crop=True, hflip=True)
+    transform = Transform(32, random_crop=True, hflip=True)
     sampler = EpochBatchSampler(len(paths), 16, seed=3, epoch=1)
     streamed = list(image_batches(paths, transform, sampler, None, num_workers=1, pin_memory=False))
     scaled = load_scaled(paths, 32, workers=1)

@@ -101,12 +101,12 @@ def test_kill_9_during_training_then_rerun_resumes_to_the_same_result(tiny_data,
     torch.manual_seed(0)  # no pretrain: a random backbone (fc excluded, as pretrain writes it)
     torch.save({k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")},
                work / "backbone.pt")
-    run = [sys.executable, str(REPO / "stages" / "features.py"), "--data", "raw", "--images", "raw",
+    run = [sys.executable, str(REPO / "stages" / "features.py"), "--data", "raw",
            "--backbone", "backbone.pt", "--out", "features"]
     subprocess.run(run, cwd=work, env=env, check=True, capture_output=True)
 
     def train(tag: str) -> list[str]:
-        return [sys.executable, str(REPO / "stages" / "train.py"), "--data", "raw", "--images", "raw",
+        return [sys.executable, str(REPO / "stages" / "train.py"), "--data", "raw",
                 "--vocab", "vocab.json", "--backbone", "backbone.pt", "--features", "features",
                 "--checkpoint", f"{tag}/checkpoint.pt",
                 "--metrics", f"{tag}/train.json", "--plots", f"{tag}/plots", "--run-info", f"{tag}/run.json",

@@ -10,11 +10,14 @@ from captioning.datasets import read_split
 from captioning.model import Captioner
 from captioning.params import ComputeParams, ModelParams, TrainParams
 from captioning.predict import Decoding, caption_images
+from captioning.synthetic import scene_scores
 from captioning.text import Vocabulary
-from captioning.training import fit
+from captioning.training import fit, training_data
 
-MODEL = ModelParams(backbone="resnet18", image_size=32, embed_size=32, hidden_size=48)
-TRAIN = TrainParams(epochs=2, batch_size=40, lr=0.003, log_every=1, checkpoint_every=2)
+MODEL = ModelParams(backbone="resnet18", image_size=32, embed_size=32, hidden_size=48, train_backbone=True)
+# All 5 captions of an image per step: 8 images a batch, 6 steps an epoch on the 48 train images.
+TRAIN = TrainParams(epochs=2, batch_size=40, captions_per_image=0, lr=0.003, log_every=1, checkpoint_every=2,
+                    select_metric="cider")
 INLINE = ComputeParams(num_workers=0)  # tiny images: worker processes would only add start-up
 
 
@@ -39,11 +42,16 @@ def _setup(tiny_data):
     return train, val, vocab, Captioner.build(MODEL, len(vocab))
 
 
+def _fit(model, vocab, train, val, params, callbacks, resume=None, scenes=True):
+    data = training_data(vocab, train, val, MODEL.image_size, params, scene_scores=scene_scores if scenes else None)
+    return fit(model, data, params, seed=0, device=torch.device("cpu"), callbacks=callbacks, compute=INLINE,
+               resume_path=resume)
+
+
 def test_fit_learns_and_reports_each_epoch(tiny_data):
     train, val, vocab, model = _setup(tiny_data)
     logs = Recorder()
-    result = fit(model, vocab, train, val, MODEL, dataclasses.replace(TRAIN, epochs=5), 0,
-                 torch.device("cpu"), logs, compute=INLINE)
+    result = _fit(model, vocab, train, val, dataclasses.replace(TRAIN, epochs=5), logs)
     assert [r["epoch"] for r in logs.epochs] == [1, 2, 3, 4, 5]
     first, last = (sum(r["loss"] for r in rows) / 3 for rows in (logs.steps[:3], logs.steps[-3:]))
     assert last < first * 0.85  # 30 steps: the language model starts to form
@@ -58,15 +66,15 @@ def test_fit_learns_and_reports_each_epoch(tiny_data):
 
 def test_resume_after_a_kill_ends_with_identical_weights(tiny_data, tmp_path):
     train, val, vocab, model = _setup(tiny_data)
-    straight = fit(model, vocab, train, val, MODEL, TRAIN, 0, torch.device("cpu"), Recorder(), compute=INLINE)
+    straight = _fit(model, vocab, train, val, TRAIN, Recorder())
 
     resume = tmp_path / "resume.pt"
     _, _, _, model = _setup(tiny_data)
     with pytest.raises(KeyboardInterrupt):  # killed mid-epoch 2, after the step-4 checkpoint
-        fit(model, vocab, train, val, MODEL, TRAIN, 0, torch.device("cpu"), Recorder(stop_at=5), resume, compute=INLINE)
+        _fit(model, vocab, train, val, TRAIN, Recorder(stop_at=5), resume)
     assert resume.is_file()
     _, _, _, fresh = _setup(tiny_data)
-    resumed = fit(fresh, vocab, train, val, MODEL, TRAIN, 0, torch.device("cpu"), Recorder(), resume, compute=INLINE)
+    resumed = _fit(fresh, vocab, train, val, TRAIN, Recorder(), resume)
     assert resumed.steps == straight.steps
     for key, value in straight.best_state.items():
         assert torch.equal(value, resumed.best_state[key]), key
@@ -82,7 +90,7 @@ def test_checkpoint_round_trip_is_self_describing(tiny_data, tmp_path):
     loaded, loaded_vocab, params = load_checkpoint(path)
     assert loaded_vocab == vocab and params == {"seed": 0}
     paths = [train.image_path(r) for r in train.images[:5]]
-    greedy = Decoding(beam_size=1)
+    greedy = Decoding(beam_size=1, length_penalty=0.0, bf16=False)
     assert caption_images(model.eval(), vocab, paths, torch.device("cpu"), greedy, progress=False) == \
         caption_images(loaded, loaded_vocab, paths, torch.device("cpu"), greedy, progress=False)
 
@@ -97,7 +105,7 @@ def test_early_stopping_after_patience_epochs_without_improvement(tiny_data):
     logs = Recorder()
     # An untrained model names no object: grounded stays 0, so only epoch 1 counts as best.
     frozen = dataclasses.replace(TRAIN, epochs=6, lr=1e-12, patience=2, select_metric="grounded")
-    result = fit(model, vocab, train, val, MODEL, frozen, 0, torch.device("cpu"), logs, compute=INLINE)
+    result = _fit(model, vocab, train, val, frozen, logs)
     assert len(logs.epochs) == 3  # epoch 1 sets the best; 2 and 3 do not beat it
     assert result.best_epoch == 1
 
@@ -110,7 +118,7 @@ def test_caption_cli_on_a_folder_of_mixed_modes(tiny_data, tmp_path, capsys):
     train, val, vocab, model = _setup(tiny_data)
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, model, vocab, {})
-    Decoding(beam_size=1).save(tmp_path / "decoding.json")  # what evaluate writes beside it
+    Decoding(beam_size=1, length_penalty=0.0, bf16=False).save(tmp_path / "decoding.json")  # what evaluate writes beside it
     folder = tmp_path / "photos"
     folder.mkdir()
     Image.open(train.image_path(train.images[0])).convert("RGBA").save(folder / "a.png")
@@ -130,13 +138,9 @@ def test_a_score_that_does_not_apply_is_absent_not_nan(tiny_data, tmp_path):
     from captioning.io import write_json_atomic
 
     train, val, vocab, model = _setup(tiny_data)
-    unscened = dataclasses.replace(val, images=[{k: v for k, v in r.items() if k != "scene"} for r in val.images])
-    logs = Recorder()
-    result = fit(model, vocab, train, unscened, MODEL, dataclasses.replace(TRAIN, epochs=1), 0,
-                 torch.device("cpu"), logs, compute=INLINE)
-    assert "grounded" not in result.best and "grounded" in fit(
-        model, vocab, train, val, MODEL, dataclasses.replace(TRAIN, epochs=1), 0, torch.device("cpu"),
-        Recorder(), compute=INLINE).best
+    one_epoch = dataclasses.replace(TRAIN, epochs=1)
+    result = _fit(model, vocab, train, val, one_epoch, Recorder(), scenes=False)
+    assert "grounded" not in result.best and "grounded" in _fit(model, vocab, train, val, one_epoch, Recorder()).best
     assert all(not (isinstance(v, float) and math.isnan(v)) for v in result.best.values())
     with pytest.raises(ValueError):
         write_json_atomic(tmp_path / "m.json", {"val_grounded": math.nan})

@@ -10,44 +10,58 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from captioning.datasets import Split
-from captioning.images import EvalTransform, TrainTransform, load_rgb, scale
+from captioning.images import Scale, Transform, load_rgb
 from captioning.text import Vocabulary
 
 
-class CaptionDataset(Dataset):
+class ImageDataset(Dataset):
+    """Item -> transform(image): the one Dataset of image files.
+
+    An item is an index (no augmentation: the transform gets no rng) or (index, item_seed),
+    whose seed draws the item's augmentation.
+    """
+
+    def __init__(self, paths: list, transform: Callable[[Image.Image, random.Random | None], object]):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: int | tuple[int, int]):
+        index, item_seed = item if isinstance(item, tuple) else (item, None)
+        return self.input(index, None if item_seed is None else random.Random(item_seed))
+
+    def input(self, index: int, rng: random.Random | None):
+        return self.transform(load_rgb(self.paths[index]), rng)
+
+
+class CaptionDataset(ImageDataset):
     """Item (index, item_seed) -> (image (3, S, S), [caption ids (L_i,), ...]).
 
     `captions_per_image` > 0 draws that many of the image's captions per item (by the item seed,
     so a new draw each epoch); 0 keeps them all.
     """
 
-    def __init__(self, split: Split, vocab: Vocabulary, transform: TrainTransform | EvalTransform,
+    def __init__(self, split: Split, vocab: Vocabulary, transform: Transform | None,
                  captions_per_image: int = 0):
-        # Images without captions teach nothing: leave them out.
-        self.records = [r for r in split.images if split.captions[r["id"]]]
-        self.paths = [split.image_path(r) for r in self.records]
+        self.records = split.captioned()  # images without captions teach nothing
+        super().__init__([split.image_path(r) for r in self.records], transform)
         self.captions = [[torch.tensor(vocab.encode(c)) for c in split.captions[r["id"]]]
                          for r in self.records]
-        self.transform = transform
         self.captions_per_image = captions_per_image  # 0 = all of them
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def __getitem__(self, item: tuple[int, int]):
         index, item_seed = item
         rng = random.Random(item_seed)
         return self.input(index, rng), self.pick_captions(index, rng)
-
-    def input(self, index: int, rng: random.Random) -> torch.Tensor:
-        return self.transform(load_rgb(self.paths[index]), rng)
 
     def pick_captions(self, index: int, rng: random.Random) -> list[torch.Tensor]:
         captions = self.captions[index]
@@ -72,19 +86,6 @@ class FeatureDataset(CaptionDataset):
     def input(self, index: int, rng: random.Random) -> torch.Tensor:
         views = self.features.size(1)
         return self.features[index, rng.randrange(views) if views > 1 else 0].float()
-
-
-class ImageDataset(Dataset):
-    """Item index -> (image (3, S, S), index): for captioning a list of images."""
-
-    def __init__(self, paths: list, transform: EvalTransform):
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        return self.transform(load_rgb(self.paths[index])), index
 
 
 class EpochBatchSampler(Sampler):
@@ -137,17 +138,6 @@ def collate_captions(batch):
     return images, captions, lengths, image_index
 
 
-class _Scaled(Dataset):
-    def __init__(self, paths: list, image_size: int):
-        self.paths, self.image_size = paths, image_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return scale(load_rgb(self.paths[index]), self.image_size)
-
-
 def load_scaled(paths: list, image_size: int, workers: int = 0, desc: str = "decode") -> torch.Tensor:
     """Every image decoded and scaled once: (N, 3, side, side) uint8, in `paths` order.
 
@@ -156,5 +146,5 @@ def load_scaled(paths: list, image_size: int, workers: int = 0, desc: str = "dec
     epoch of 8,000 images went from 34 s to 24 s (64 images per step).
     """
     workers = workers or min(os.cpu_count() or 1, 8)
-    loader = DataLoader(_Scaled(paths, image_size), batch_size=256, num_workers=workers)
+    loader = DataLoader(ImageDataset(paths, Scale(image_size)), batch_size=256, num_workers=workers)
     return torch.cat(list(tqdm(loader, desc=desc, unit="batch")))

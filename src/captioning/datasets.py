@@ -11,15 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
-from tqdm import tqdm
-
-from captioning import synthetic
-from captioning.params import DataParams
 from captioning.text import tokenize
 
 SPLITS = ("train", "val", "test")
@@ -41,6 +35,10 @@ class Split:
     def image_path(self, record: dict) -> Path:
         return self.images_dir / record["file_name"]
 
+    def captioned(self) -> list[dict]:
+        """The image records that have a caption: the only ones a stage can train on or score."""
+        return [r for r in self.images if self.captions[r["id"]]]
+
 
 def captions_path(root: str | Path, split: str) -> Path:
     return Path(root) / split / "captions.json"
@@ -50,11 +48,11 @@ def images_dir(root: str | Path, split: str) -> Path:
     return Path(root) / split / "images"
 
 
-def read_split(root: str | Path, split: str, images_root: str | Path | None = None) -> Split:
-    """Read `<root>/<split>/captions.json`; images from `images_root/<split>/images` (default root)."""
+def read_split(root: str | Path, split: str) -> Split:
+    """Read `<root>/<split>/captions.json`, its images in `<root>/<split>/images`."""
     path = captions_path(root, split)
     images, captions, empty = parse_coco(load_json(path, missing="run the download stage first (dvc repro download)"), path)
-    return Split(images, captions, images_dir(images_root or root, split), empty_captions=empty)
+    return Split(images, captions, images_dir(root, split), empty_captions=empty)
 
 
 def check_links(root: str | Path) -> None:
@@ -139,30 +137,3 @@ def coco_captions(images: list[dict], captions: dict[int, list[str]], descriptio
             annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "caption": caption})
     return {"info": {"description": description}, "licenses": [], "images": images,
             "annotations": annotations}
-
-
-def write_synthetic(out: Path, params: DataParams, seed: int) -> dict[str, int]:
-    """Generate the synthetic dataset under `out` (which must not exist); return images per split."""
-    sizes = {"train": params.num_train, "val": params.num_val, "test": params.num_test}
-    workers = params.workers or os.cpu_count() or 1
-    base_id = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000}  # ids unique across splits
-    with ProcessPoolExecutor(workers) as pool:
-        for split in SPLITS:
-            folder = images_dir(out, split)
-            folder.mkdir(parents=True)
-            make = partial(synthetic.make_sample, seed, split, min_side=params.min_side,
-                           max_side=params.max_side, n_captions=params.captions_per_image)
-            images, captions = [], {}
-            samples = pool.map(make, range(sizes[split]), chunksize=32)
-            for index, (scene, caps, jpeg) in enumerate(
-                tqdm(samples, total=sizes[split], desc=f"synthetic {split}", unit="img")
-            ):
-                image_id = base_id[split] + index
-                file_name = f"{split}_{index:06d}.jpg"
-                (folder / file_name).write_bytes(jpeg)
-                images.append({"id": image_id, "file_name": file_name, "width": scene["width"],
-                               "height": scene["height"], "scene": scene})
-                captions[image_id] = caps
-            doc = coco_captions(images, captions, f"synthetic scenes, seed {seed}, split {split}")
-            captions_path(out, split).write_text(json.dumps(doc, indent=None, separators=(",", ":")))
-    return sizes

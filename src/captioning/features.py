@@ -22,45 +22,43 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from PIL import Image
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioning import accel
-from captioning.images import EvalTransform, TrainTransform, load_rgb
+from captioning.data import ImageDataset
+from captioning.images import Transform
 
 
 class FeaturesError(ValueError):
     """Cached features that do not match the split or model they are used with."""
 
 
-class _Views(Dataset):
-    """Item index -> (views, 3, S, S): the centre crop, then `views - 1` seeded random crops."""
+class Views:
+    """Image -> (views, 3, S, S): the centre crop, then `views - 1` random crops (flipped when
+    `hflip`) drawn from the item's rng."""
 
-    def __init__(self, paths: list, image_size: int, views: int, hflip: bool, seed: int):
-        self.paths, self.views, self.seed = paths, views, seed
-        self.centre = EvalTransform(image_size)
-        self.random = TrainTransform(image_size, random_crop=True, hflip=hflip)
+    def __init__(self, image_size: int, views: int, hflip: bool):
+        self.views = views
+        self.centre = Transform(image_size)
+        self.random = Transform(image_size, random_crop=True, hflip=hflip)
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        image = load_rgb(self.paths[index])
-        crops = [self.centre(image)]
-        crops += [self.random(image, random.Random((self.seed * 1_000_003 + index) * 64 + v))
-                  for v in range(1, self.views)]
-        return torch.stack(crops)
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        return torch.stack([self.centre(image)] + [self.random(image, rng) for _ in range(1, self.views)])
 
 
 @torch.no_grad()
 def extract(backbone: torch.nn.Module, paths: list, *, image_size: int, device: torch.device,
-            views: int = 1, hflip: bool = False, seed: int = 0, batch_size: int = 128,
-            num_workers: int = 0, bf16: bool = True, desc: str = "features") -> np.ndarray:
+            views: int, hflip: bool, seed: int, batch_size: int, num_workers: int, bf16: bool,
+            desc: str = "features") -> np.ndarray:
     """(len(paths), views, F) float16 pooled features of `backbone` (a ResNet trunk ending in
     its average pool, e.g. `Encoder.backbone`), in eval mode; bf16 on CUDA when `bf16`."""
     backbone = accel.channels_last(backbone.eval().to(device), device)
-    loader = DataLoader(_Views(paths, image_size, views, hflip, seed), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    # Each image's crops are drawn from its own seed: the same with any number of workers.
+    items = [(index, (seed * 1_000_003 + index) * 64) for index in range(len(paths))]
+    loader = DataLoader(ImageDataset(paths, Views(image_size, views, hflip)), batch_size=batch_size,
+                        sampler=items, num_workers=num_workers, pin_memory=device.type == "cuda")
     chunks = []
     for crops in tqdm(loader, desc=desc, unit="batch"):
         b = crops.size(0)

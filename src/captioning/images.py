@@ -1,4 +1,4 @@
-"""Image I/O: the parallel resize, and the train/eval transform presets (the only place they live).
+"""Image I/O: the parallel resize, and the one transform that train and eval share (the only place it lives).
 
 Train and evaluation preprocessing come from here alone: yunjey's tutorial resized to 256 and
 cropped 224 in training but fed 224 straight in sampling; a shared preset makes that impossible.
@@ -11,6 +11,7 @@ import random
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,6 +19,8 @@ from tqdm import tqdm
 
 # torch is imported inside the few functions that make tensors: the resize stage and its worker
 # processes never use it, and importing it costs each of them ~4 s (more under spawn).
+if TYPE_CHECKING:
+    import torch
 
 # ImageNet statistics: the backbones were trained with them (and random ones do not mind).
 MEAN = (0.485, 0.456, 0.406)
@@ -54,16 +57,18 @@ def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
 
 
 class BadImageError(ValueError):
-    """An image file that cannot be used; the message names the file, `reason` says why."""
+    """An image file that cannot be used; the message names the file, `kind` says what is wrong
+    ("missing file", "empty file", ...) and `reason` adds the decoder's words, if any."""
 
-    def __init__(self, path, reason: str):
+    def __init__(self, path, kind: str, detail: str = ""):
         # The real path: the pipeline reads images through links, the user knows the file.
         path = os.path.realpath(path)
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
+        self.path, self.kind, self.detail = str(path), kind, detail
+        self.reason = f"{kind} ({detail})" if detail else kind
+        super().__init__(f"{path}: {self.reason}")
 
-    def __reduce__(self):  # raised in worker processes: must survive pickling with both fields
-        return (BadImageError, (self.path, self.reason))
+    def __reduce__(self):  # raised in worker processes: must survive pickling with every field
+        return (BadImageError, (self.path, self.kind, self.detail))
 
 
 def resize_one(src: Path, dst: Path, size: int, quality: int) -> None:
@@ -74,62 +79,66 @@ def resize_one(src: Path, dst: Path, size: int, quality: int) -> None:
         raise BadImageError(src, "missing file") from None
     except Image.DecompressionBombError as err:
         # Pillow refuses images over 2 x MAX_IMAGE_PIXELS (~179 Mpx): decoding one could exhaust memory.
-        raise BadImageError(src, f"too large to decode safely ({err})") from None
+        raise BadImageError(src, "too large to decode safely", str(err)) from None
     except UnidentifiedImageError:
         reason = "empty file" if src.stat().st_size == 0 else "not an image Pillow can read"
         raise BadImageError(src, reason) from None
     except (OSError, SyntaxError, ValueError) as err:
         # Raised in a worker process: without the path the user could not find the file.
-        raise BadImageError(src, f"truncated or corrupt ({err})") from None
+        raise BadImageError(src, "truncated or corrupt", str(err)) from None
     image = image.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
     dst.parent.mkdir(parents=True, exist_ok=True)
     image.save(dst, format="JPEG", quality=quality)
 
 
-def _resize_pair(pair: tuple[Path, Path], size: int, quality: int, skip_bad: bool) -> str | None:
+def _resize_pair(pair: tuple[Path, Path], size: int, quality: int, skip_bad: bool) -> BadImageError | None:
     try:
         resize_one(pair[0], pair[1], size, quality)
     except BadImageError as err:
         if not skip_bad:
             raise
-        return err.reason
+        return err
     return None
 
 
 def resize_all(pairs: list[tuple[Path, Path]], size: int, quality: int, workers: int = 0,
-               desc: str = "resize", skip_bad: bool = False) -> dict[int, str]:
+               desc: str = "resize", skip_bad: bool = False) -> dict[int, BadImageError]:
     """Resize every (src, dst) pair in parallel over `workers` processes (0 = one per core).
 
     A bad image raises BadImageError naming it, or with `skip_bad` is left out: the return value
-    maps the index of each skipped pair to the reason.
+    maps the index of each skipped pair to its error.
     """
     workers = workers or os.cpu_count() or 1
     job = partial(_resize_pair, size=size, quality=quality, skip_bad=skip_bad)
     if workers == 1:
-        reasons = [job(pair) for pair in tqdm(pairs, desc=desc, unit="img")]
+        errors = [job(pair) for pair in tqdm(pairs, desc=desc, unit="img")]
     else:
         with ProcessPoolExecutor(workers) as pool:
-            reasons = list(tqdm(pool.map(job, pairs, chunksize=16), total=len(pairs), desc=desc, unit="img"))
-    return {i: reason for i, reason in enumerate(reasons) if reason is not None}
+            errors = list(tqdm(pool.map(job, pairs, chunksize=16), total=len(pairs), desc=desc, unit="img"))
+    return {i: error for i, error in enumerate(errors) if error is not None}
 
 
-class TrainTransform:
+class Transform:
     """Scale to image_size / CROP_FRACTION, crop image_size (random or centre), maybe flip.
 
-    Randomness comes from the `rng` passed per call, never from a global generator, so an
-    item's augmentation depends only on (seed, epoch, item): the same with any number of
-    DataLoader workers and the same after a resume mid-epoch.
+    `Transform(image_size)` is evaluation's preprocessing (centre crop, no flip); training turns
+    on `random_crop` and `hflip`. One class, so train and eval cannot drift apart. Randomness comes
+    from the `rng` passed per call, never from a global generator, so an item's augmentation
+    depends only on (seed, epoch, item): the same with any number of DataLoader workers and the
+    same after a resume mid-epoch.
     """
 
-    def __init__(self, image_size: int, *, random_crop: bool, hflip: bool):
+    def __init__(self, image_size: int, *, random_crop: bool = False, hflip: bool = False):
         self.image_size, self.random_crop, self.hflip = image_size, random_crop, hflip
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         return normalize(self.crop(scale(image, self.image_size), rng))
 
-    def crop(self, scaled: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    def crop(self, scaled: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
         """(3, side, side) uint8 from `scale` -> (3, S, S) uint8: the crop and flip alone, so a
         loop over images scaled once (`load_scaled`) augments exactly as __call__ does."""
+        if (self.random_crop or self.hflip) and rng is None:
+            raise ValueError("a random crop or flip needs the item's rng")
         size = self.image_size
         slack = scaled.size(-1) - size
         left, top = (rng.randint(0, slack), rng.randint(0, slack)) if self.random_crop else (slack // 2,) * 2
@@ -139,25 +148,14 @@ class TrainTransform:
         return crop
 
 
-class EvalTransform:
-    """The same scale as training and a centre crop: what the network saw, minus the randomness."""
+class Scale:
+    """`scale` as a picklable transform (DataLoader workers): image -> (3, side, side) uint8."""
 
     def __init__(self, image_size: int):
         self.image_size = image_size
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        side = scaled_side(self.image_size)
-        image = image.resize((side, side), Image.Resampling.BILINEAR)
-        offset = (side - self.image_size) // 2
-        image = image.crop((offset, offset, offset + self.image_size, offset + self.image_size))
-        return to_tensor(image)
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float tensor, ImageNet-normalised."""
-    from torchvision.transforms.functional import pil_to_tensor
-
-    return normalize(pil_to_tensor(image))
+        return scale(image, self.image_size)
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:

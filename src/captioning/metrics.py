@@ -17,7 +17,6 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from captioning.synthetic import mentioned_objects, scene_objects
 from captioning.text import tokenize
 
 METRIC_NAMES = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
@@ -74,11 +73,3 @@ def quick_scores(references: dict[int, list[str]], hypotheses: dict[int, str]) -
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
     return {"bleu_4": float(bleu[3]), "cider": float(cider)}
-
-
-def grounded_score(scenes: dict[int, dict], hypotheses: dict[int, str]) -> float:
-    """Share of images whose caption names exactly the scene's (colour, shape) objects."""
-    if not hypotheses:
-        raise MetricsError("no captions to score")
-    hits = sum(mentioned_objects(hypotheses[i]) == scene_objects(scenes[i]) for i in hypotheses)
-    return hits / len(hypotheses)

@@ -23,16 +23,21 @@ class PretrainedWeightsError(RuntimeError):
     """ImageNet weights were asked for but are not on this machine."""
 
 
+def resnet(name: str) -> nn.Module:
+    """The torchvision ResNet `name` with random weights (drawn from torch's global RNG)."""
+    return getattr(torchvision.models, name)(weights=None)
+
+
 def load_backbone(params: ModelParams) -> nn.Module:
     """The torchvision ResNet named by `params.backbone`, with ImageNet weights if asked for.
 
     Weights come from `params.weights_path` or the torch hub cache; nothing is downloaded here,
     so an offline machine gets a clear message rather than a network error deep in torchvision.
     """
-    resnet = getattr(torchvision.models, params.backbone)(weights=None)
+    backbone = resnet(params.backbone)
     if params.pretrained:
-        resnet.load_state_dict(_pretrained_state(params))
-    return resnet
+        backbone.load_state_dict(_pretrained_state(params))
+    return backbone
 
 
 def _pretrained_state(params: ModelParams) -> dict:
@@ -57,7 +62,7 @@ def _pretrained_state(params: ModelParams) -> dict:
 def backbone_from_state(params: ModelParams, state: dict) -> nn.Module:
     """The torchvision ResNet named by `params.backbone` with `state` (the pretrain stage's
     output: every layer but fc) loaded."""
-    backbone = getattr(torchvision.models, params.backbone)(weights=None)
+    backbone = resnet(params.backbone)
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("fc.") for k in missing):
         raise ValueError(f"backbone weights do not fit {params.backbone}: missing {missing[:3]}, "
@@ -157,7 +162,7 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, features: torch.Tensor, end_id: int, beam_size: int,
-                    length_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    length_penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, E) features -> ((B, L) ids, (B,) scores): the best of `beam_size` beams per image.
 
         All B * K beams advance together, one LSTM step per token. As in `greedy`, the image is
@@ -231,7 +236,7 @@ class Captioner(nn.Module):
         self.config = dict(config)
         params = ModelParams(**{k: v for k, v in config.items() if k != "vocab_size"})
         if backbone is None:  # weights come from a checkpoint: no need for ImageNet ones
-            backbone = getattr(torchvision.models, params.backbone)(weights=None)
+            backbone = resnet(params.backbone)
         self.encoder = Encoder(backbone, params.embed_size, params.train_backbone)
         self.decoder = Decoder(params.embed_size, params.hidden_size, config["vocab_size"],
                                params.num_layers, params.max_seq_len)
@@ -253,8 +258,8 @@ class Captioner(nn.Module):
         return self.decoder(features, captions, lengths)
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, end_id: int, beam_size: int = 1,
-                 length_penalty: float = 0.0, bf16: bool = False) -> torch.Tensor:
+    def generate(self, images: torch.Tensor, end_id: int, *, beam_size: int, length_penalty: float,
+                 bf16: bool) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, L) ids: greedy for `beam_size` 1 (the same ids, less
         bookkeeping), else `Decoder.beam_search`. `bf16`: the encoder under bf16 autocast on CUDA
         (as in training); the decoder stays in float32, since beam scores add up many log-probs."""

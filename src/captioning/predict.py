@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from captioning import accel
 from captioning.data import ImageDataset
-from captioning.images import EvalTransform
+from captioning.images import Transform
 from captioning.io import write_json_atomic
 from captioning.model import Captioner
 from captioning.text import Vocabulary
@@ -26,9 +26,11 @@ from captioning.text import Vocabulary
 
 @dataclass(frozen=True)
 class Decoding:
-    beam_size: int = 1  # captions kept per image while decoding; 1 = greedy
-    length_penalty: float = 0.0  # beam search ranks summed log-prob / length ** length_penalty
-    bf16: bool = False  # the CNN under bf16 autocast on CUDA (no effect elsewhere)
+    """How captions are decoded; evaluate makes it from `evaluate.*` and `compute.bf16`."""
+
+    beam_size: int  # captions kept per image while decoding; 1 = greedy
+    length_penalty: float  # beam search ranks summed log-prob / length ** length_penalty
+    bf16: bool  # the CNN under bf16 autocast on CUDA (no effect elsewhere)
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, asdict(self))
@@ -52,15 +54,15 @@ def caption_images(model: Captioner, vocab: Vocabulary, images: list, device: to
     """
     model.eval().to(device)
     accel.channels_last(model.encoder.backbone, device)
-    dataset = ImageDataset(images, EvalTransform(model.config["image_size"]))
+    dataset = ImageDataset(images, Transform(model.config["image_size"]))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    captions: list[str] = [""] * len(dataset)
-    for batch, index in tqdm(loader, desc="caption", unit="batch", disable=not progress):
+    captions: list[str] = []
+    for batch in tqdm(loader, desc="caption", unit="batch", disable=not progress):  # in order: no shuffle
         batch = accel.channels_last(batch.to(device, non_blocking=True), device)
-        ids = model.generate(batch, vocab.end_id, decoding.beam_size, decoding.length_penalty, decoding.bf16).cpu()
-        for row, i in zip(ids.tolist(), index.tolist()):
-            captions[i] = vocab.decode(row)
+        ids = model.generate(batch, vocab.end_id, beam_size=decoding.beam_size,
+                             length_penalty=decoding.length_penalty, bf16=decoding.bf16)
+        captions += [vocab.decode(row) for row in ids.cpu().tolist()]
     return captions
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from captioning.params import Params, ParamsError, parse_params
+from captioning.params import Params, ParamsError, flatten, nest, parse_params
 
 # Flags go through the shell's word splitting unquoted: values must be plain words.
 _PLAIN = re.compile(r"^[A-Za-z0-9_.:/+-]+$")
@@ -30,12 +30,12 @@ def load_preset(path: str | Path, base: str | Path = "params.yaml") -> tuple[dic
         params = yaml.safe_load(Path(base).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ParamsError(f"{path}: cannot read the preset or {base} ({err})") from None
-    flat = _flatten(preset)
-    merged = _flatten(params)
+    flat = flatten(preset)
+    merged = flatten(params)
     for key in flat:
         if key not in merged:
             try:  # a key the schema lacks gets its did-you-mean message from parse_params
-                parse_params(_nest({key: flat[key]}))
+                parse_params(nest({key: flat[key]}))
             except ParamsError as err:
                 raise ParamsError(f"{path}: {err}") from None
             raise ParamsError(f"{path}: {key} is not in {base}; add it there first (dvc exp run -S only sets existing keys)")
@@ -43,7 +43,7 @@ def load_preset(path: str | Path, base: str | Path = "params.yaml") -> tuple[dic
             raise ParamsError(f"{path}: {key}={flat[key]!r} must be one plain word for a -S flag")
     merged.update(flat)
     try:
-        return flat, parse_params(_nest(merged))
+        return flat, parse_params(nest(merged))
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
 
@@ -54,27 +54,6 @@ def flags(overrides: dict[str, object]) -> list[str]:
 
 def _format(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _flatten(raw: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _nest(flat: dict[str, object]) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        *sections, name = key.split(".")
-        node = out
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[name] = value
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

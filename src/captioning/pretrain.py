@@ -18,12 +18,12 @@ from collections import Counter
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from captioning import accel
-from captioning.data import EpochBatchSampler, load_scaled
+from captioning.data import EpochBatchSampler, ImageDataset, load_scaled
 from captioning.datasets import Split
-from captioning.images import TrainTransform, load_rgb, normalize, scaled_side
+from captioning.images import Transform, normalize, scaled_side
 from captioning.text import tokenize
 
 
@@ -73,26 +73,12 @@ class ConceptTargets:
 IN_MEMORY_BYTES = 2 << 30
 
 
-class _Images(Dataset):
-    """Item (index, item_seed) -> augmented image (3, S, S)."""
-
-    def __init__(self, paths: list, transform: TrainTransform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
-        index, item_seed = item
-        return self.transform(load_rgb(self.paths[index]), random.Random(item_seed))
-
-
-def image_batches(paths: list, transform: TrainTransform, sampler: EpochBatchSampler, scaled: torch.Tensor | None,
+def image_batches(paths: list, transform: Transform, sampler: EpochBatchSampler, scaled: torch.Tensor | None,
                   num_workers: int, pin_memory: bool):
     """The epoch's augmented image batches, in `sampler` order: cropped from `scaled` (the images
     decoded once) when given, else decoded by DataLoader workers. Both give identical tensors."""
     if scaled is None:
-        yield from DataLoader(_Images(paths, transform), batch_sampler=sampler, num_workers=num_workers,
+        yield from DataLoader(ImageDataset(paths, transform), batch_sampler=sampler, num_workers=num_workers,
                               pin_memory=pin_memory)
         return
     for batch in sampler.batches():
@@ -101,14 +87,14 @@ def image_batches(paths: list, transform: TrainTransform, sampler: EpochBatchSam
 
 def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], *, image_size: int,
                       epochs: int, batch_size: int, lr: float, seed: int, device: torch.device,
-                      num_workers: int = 0, bf16: bool = True, schedule: str = "constant", log=print) -> dict:
+                      num_workers: int, bf16: bool, schedule: str, log=print) -> dict:
     """Train `backbone` (a torchvision ResNet; its fc is replaced) to predict caption concepts.
 
     Returns a summary: final loss, steps, seconds. The backbone is left in place, trained.
     """
-    records = [r for r in split.images if split.captions[r["id"]]]
+    records = split.captioned()
     paths = [split.image_path(r) for r in records]
-    transform = TrainTransform(image_size, random_crop=True, hflip=False)
+    transform = Transform(image_size, random_crop=True)
     in_memory = len(paths) * 3 * scaled_side(image_size) ** 2 <= IN_MEMORY_BYTES
     scaled = load_scaled(paths, image_size, desc="pretrain: decode once") if in_memory else None
     targets = ConceptTargets(split, records, concepts).targets

@@ -13,7 +13,7 @@ class GalleryItem:
     image_path: Path
     generated: str
     references: list[str]
-    correct: bool | None = None  # grounded verdict, when the scene is known
+    verdict: tuple[bool, str] | None = None  # (right?, in words), where the dataset can judge a caption
 
 
 def gallery_html(items: list[GalleryItem], title: str, summary: dict[str, float],
@@ -22,8 +22,8 @@ def gallery_html(items: list[GalleryItem], title: str, summary: dict[str, float]
     rows = []
     for item in items:
         data = base64.b64encode(Path(item.image_path).read_bytes()).decode()
-        verdict = "" if item.correct is None else (
-            '<span class="ok">names every object</span>' if item.correct else '<span class="bad">wrong objects</span>')
+        verdict = "" if item.verdict is None else \
+            f'<span class="{"ok" if item.verdict[0] else "bad"}">{html.escape(item.verdict[1])}</span>'
         refs = "".join(f"<li>{html.escape(r)}</li>" for r in item.references)
         rows.append(
             f'<div class="card"><img src="data:image/jpeg;base64,{data}" alt="">'

@@ -5,7 +5,8 @@ background (solid, gradient or noise), holding 1 to 3 objects that differ in sha
 position. Each image gets captions from a small grammar with real variety: synonyms, optional size
 adjectives, counts ("two red circles"), spatial relations ("left of", "above") and word order. The
 scene itself is stored in the image record so a caption can be checked against the truth
-(`mentioned_objects`, used by the grounded score).
+(`mentioned_objects`): the scene scores below (`grounded`) exist for this dataset alone, and the
+stages that score captions plug them in where the records carry scenes.
 
 Everything is a pure function of (seed, split, index): images are generated in parallel and the
 output is byte-identical for the same params.
@@ -14,13 +15,21 @@ output is byte-identical for the same params.
 from __future__ import annotations
 
 import io
+import json
 import math
+import os
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
+from captioning.datasets import SPLITS, captions_path, coco_captions, images_dir
+from captioning.params import DataParams
 from captioning.text import tokenize
 
 # Saturated object colours; backgrounds below stay low-saturation so no object can vanish into one.
@@ -45,7 +54,6 @@ SHAPE_WORDS = {
     "circle": (("circle", "circles"), ("disk", "disks"), ("ball", "balls")),
     "square": (("square", "squares"), ("box", "boxes")),
     "triangle": (("triangle", "triangles"),),
-    "star": (("star", "stars"),),
 }
 SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 NUMBER_WORDS = {2: "two", 3: "three"}
@@ -55,7 +63,6 @@ MARGIN = 0.125
 # 3-4 px at the default 32 px input. Larger shapes would leave too little room for three objects.
 RADIUS = {"small": (0.12, 0.14), "large": (0.16, 0.19)}
 MAX_ASPECT = 4 / 3
-SPLITS = ("train", "val", "test")
 
 _WORD_TO_SHAPE = {w: s for s, forms in SHAPE_WORDS.items() for pair in forms for w in pair}
 
@@ -154,13 +161,6 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx, cy, r, turn, fill) ->
     elif shape == "triangle":
         pts = [(cx + r * math.sin(turn + k * 2 * math.pi / 3), cy - r * math.cos(turn + k * 2 * math.pi / 3))
                for k in range(3)]
-        draw.polygon(pts, fill=fill)
-    elif shape == "star":
-        pts = []
-        for k in range(10):
-            rad = r if k % 2 == 0 else r * 0.45
-            a = turn + k * math.pi / 5
-            pts.append((cx + rad * math.sin(a), cy - rad * math.cos(a)))
         draw.polygon(pts, fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
@@ -267,6 +267,36 @@ def scene_objects(scene: dict) -> set[tuple[str, str]]:
     return {(o["colour"], o["shape"]) for o in scene["objects"]}
 
 
+def names_scene(caption: str, scene: dict) -> bool:
+    """The grounded verdict: the caption names exactly the scene's (colour, shape) objects."""
+    return mentioned_objects(caption) == scene_objects(scene)
+
+
+def verdict(caption: str, scene: dict) -> tuple[bool, str]:
+    """The grounded verdict in words, for the gallery."""
+    right = names_scene(caption, scene)
+    return right, "names every object" if right else "wrong objects"
+
+
+# The scores only a stored scene allows; `train.select_metric` may name one.
+SCENE_METRICS = ("grounded",)
+
+
+def has_scenes(records: list[dict]) -> bool:
+    """Whether every record carries its scene (this dataset's records do; no real source's)."""
+    return bool(records) and all("scene" in r for r in records)
+
+
+def scene_scores(records: list[dict], hypotheses: dict[int, str]) -> dict[str, float]:
+    """`grounded`: the share of captioned records (id -> caption in `hypotheses`) whose caption
+    names exactly its scene's objects."""
+    scenes = {r["id"]: r["scene"] for r in records}
+    if not hypotheses:
+        raise ValueError("no captions to score")
+    hits = sum(names_scene(caption, scenes[i]) for i, caption in hypotheses.items())
+    return {"grounded": hits / len(hypotheses)}
+
+
 # ---- one sample -------------------------------------------------------------------------------
 
 
@@ -278,3 +308,31 @@ def make_sample(seed: int, split: str, index: int, min_side: int, max_side: int,
     buf = io.BytesIO()
     render(scene, rng).save(buf, format="JPEG", quality=90)
     return scene, captions, buf.getvalue()
+
+
+def write_dataset(out: Path, params: DataParams, seed: int) -> dict[str, int]:
+    """Generate the dataset under `out` (which must not exist) in the pipeline's layout (see
+    `captioning.datasets`), each record with its scene; return images per split."""
+    sizes = {"train": params.num_train, "val": params.num_val, "test": params.num_test}
+    workers = params.workers or os.cpu_count() or 1
+    base_id = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000}  # ids unique across splits
+    with ProcessPoolExecutor(workers) as pool:
+        for split in SPLITS:
+            folder = images_dir(out, split)
+            folder.mkdir(parents=True)
+            make = partial(make_sample, seed, split, min_side=params.min_side,
+                           max_side=params.max_side, n_captions=params.captions_per_image)
+            images, captions = [], {}
+            samples = pool.map(make, range(sizes[split]), chunksize=32)
+            for index, (scene, caps, jpeg) in enumerate(
+                tqdm(samples, total=sizes[split], desc=f"synthetic {split}", unit="img")
+            ):
+                image_id = base_id[split] + index
+                file_name = f"{split}_{index:06d}.jpg"
+                (folder / file_name).write_bytes(jpeg)
+                images.append({"id": image_id, "file_name": file_name, "width": scene["width"],
+                               "height": scene["height"], "scene": scene})
+                captions[image_id] = caps
+            doc = coco_captions(images, captions, f"synthetic scenes, seed {seed}, split {split}")
+            captions_path(out, split).write_text(json.dumps(doc, indent=None, separators=(",", ":")))
+    return sizes

@@ -27,7 +27,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from captioning.io import write_json_atomic
-from captioning.params import ParamsError, load_params, parse_params
+from captioning.params import ParamsError, flatten, load_params, parse_params
 
 EXPERIMENT = "captioning"
 _FLUSH_EVERY = 200  # buffered metric points per log_batch call (one SQLite transaction each)
@@ -113,21 +113,15 @@ def _git(*args: str, cwd: str | Path | None = None) -> str:
         return ""
 
 
-def flatten(params: dict, prefix: str = "") -> dict[str, str]:
-    """{'train': {'lr': 0.001}} -> {'train.lr': '0.001'}, the keys DVC uses too."""
-    flat = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat
+def flat_text(nested: dict) -> dict[str, str]:
+    """{'train': {'lr': 0.001}} -> {'train.lr': '0.001'}: params as MLflow stores them."""
+    return {key: str(value) for key, value in flatten(nested).items()}
 
 
 def pipeline_params(params_path: str | Path) -> dict[str, str]:
     """Every param of the pipeline run, flat: what its MLflow run records (all of them, so that
     two runs compare key by key in the UI)."""
-    return flatten(load_params(params_path).to_dict())
+    return flat_text(load_params(params_path).to_dict())
 
 
 def changed_params(params_path: str | Path) -> dict[str, tuple[str, str]] | None:
@@ -139,9 +133,9 @@ def changed_params(params_path: str | Path) -> dict[str, tuple[str, str]] | None
     if not text:
         return None
     try:
-        before = flatten(parse_params(yaml.safe_load(text) or {}).to_dict())
+        before = flat_text(parse_params(yaml.safe_load(text) or {}).to_dict())
     except (ParamsError, yaml.YAMLError):  # a baseline of an older schema: compare key by key
-        before = flatten(yaml.safe_load(text) or {})
+        before = flat_text(yaml.safe_load(text) or {})
     now = pipeline_params(path)
     return {k: (before.get(k, "(absent)"), v) for k, v in now.items() if before.get(k) != v}
 
