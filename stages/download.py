@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from captioning import datasets, sources, synthetic
-from captioning.download import DownloadError
+from captioning import sources, synthetic
+from captioning.errors import run_stage
 from captioning.io import atomic_path, write_json_atomic
-from captioning.params import ParamsError, check_inputs, load_params
+from captioning.params import check_inputs, load_params
 
 PARAMS = ("seed", "data")
 
@@ -20,21 +20,15 @@ PARAMS = ("seed", "data")
 def main(params_path: str, out: str, downloads: str, summary: str, inputs: str) -> None:
     params = load_params(params_path, PARAMS)
     data = params.data
-    try:
-        check_inputs({"data.annotations": data.annotations, "data.karpathy_json": data.karpathy_json,
-                      "data.checksums": data.checksums}, inputs)
-    except ParamsError as err:
-        raise SystemExit(f"download: {err}") from None
+    check_inputs({"data.annotations": data.annotations, "data.karpathy_json": data.karpathy_json,
+                  "data.checksums": data.checksums}, inputs)
     started = time.perf_counter()
     if params.data.source == "synthetic":
         with atomic_path(out) as tmp:
             sizes = synthetic.write_dataset(tmp, params.data, params.seed)
         note, missing = "", 0
     else:
-        try:
-            dataset = sources.build(params.data, params.seed, downloads)
-        except (datasets.DatasetError, DownloadError) as err:
-            raise SystemExit(f"download: {err}") from None
+        dataset = sources.build(params.data, params.seed, downloads)
         with atomic_path(out) as tmp:
             sources.write(tmp, dataset)
         sizes = dataset.manifest["images"]
@@ -56,4 +50,4 @@ if __name__ == "__main__":
     parser.add_argument("--summary", required=True, help="JSON to write: source and images per split")
     parser.add_argument("--inputs", required=True, help="folder holding the files data.* params name")
     args = parser.parse_args()
-    main(args.params, args.out, args.downloads, args.summary, args.inputs)
+    run_stage("download", main, args.params, args.out, args.downloads, args.summary, args.inputs)

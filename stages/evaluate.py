@@ -15,6 +15,7 @@ import mlflow
 from captioning import accel, synthetic
 from captioning.checkpoint import load_checkpoint
 from captioning.datasets import read_split
+from captioning.errors import run_stage
 from captioning.io import write_json_atomic, write_text_atomic
 from captioning.metrics import coco_scores
 from captioning.params import load_params
@@ -90,4 +91,4 @@ if __name__ == "__main__":
     parser.add_argument("--captions", required=True, help="COCO results JSON to write")
     parser.add_argument("--gallery", required=True, help="HTML gallery to write")
     parser.add_argument("--run-info", required=True, help="JSON to write: this experiment's MLflow run and model")
-    main(parser.parse_args())
+    run_stage("evaluate", main, parser.parse_args())

@@ -13,6 +13,7 @@ import torch
 
 from captioning import accel, features
 from captioning.datasets import SPLITS, read_split
+from captioning.errors import run_stage
 from captioning.io import atomic_path
 from captioning.model import backbone_from_state, trunk
 from captioning.params import load_params
@@ -57,4 +58,4 @@ if __name__ == "__main__":
     parser.add_argument("--data", required=True, help="dataset folder (captions and images)")
     parser.add_argument("--backbone", required=True, help="backbone weights (pretrain's output)")
     parser.add_argument("--out", required=True, help="features folder to create")
-    main(parser.parse_args())
+    run_stage("features", main, parser.parse_args())

@@ -8,9 +8,10 @@ import torch
 
 from captioning import accel
 from captioning.datasets import read_split
+from captioning.errors import run_stage
 from captioning.io import atomic_path, write_json_atomic
 from captioning.model import load_backbone
-from captioning.params import ParamsError, check_inputs, load_params
+from captioning.params import check_inputs, load_params
 from captioning.pretrain import build_concepts, pretrain_backbone
 
 PARAMS = ("seed", "pretrain", "model.backbone", "model.pretrained", "model.weights_path", "model.image_size",
@@ -19,10 +20,7 @@ PARAMS = ("seed", "pretrain", "model.backbone", "model.pretrained", "model.weigh
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params, PARAMS)
-    try:
-        check_inputs({"model.weights_path": params.model.weights_path}, args.inputs)
-    except ParamsError as err:
-        raise SystemExit(f"pretrain: {err}") from None
+    check_inputs({"model.weights_path": params.model.weights_path}, args.inputs)
     torch.manual_seed(params.seed)
     device = accel.prepare(params.compute)
     backbone = load_backbone(params.model)  # ImageNet weights when model.pretrained
@@ -51,4 +49,4 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True, help="backbone state_dict to write")
     parser.add_argument("--metrics", required=True, help="pretrain summary JSON to write")
     parser.add_argument("--inputs", required=True, help="folder holding the file model.weights_path names")
-    main(parser.parse_args())
+    run_stage("pretrain", main, parser.parse_args())

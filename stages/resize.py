@@ -17,6 +17,7 @@ from pathlib import Path
 
 from captioning.datasets import (SPLITS, DatasetError, captions_path, check_links, coco_captions, images_dir,
                                  load_json, read_split)
+from captioning.errors import run_stage
 from captioning.images import BadImageError, resize_all
 from captioning.io import atomic_path, write_json_atomic
 from captioning.params import load_params
@@ -28,10 +29,7 @@ def main(params_path: str, data: str, out: str) -> None:
     all_params = load_params(params_path, PARAMS)
     params, policy = all_params.resize, all_params.data.on_bad_image
     started = time.perf_counter()
-    try:
-        check_links(data)
-    except DatasetError as err:
-        raise SystemExit(f"resize: {err}") from None
+    check_links(data)
     total, reasons = 0, Counter()
     report = {"on_bad_image": policy, "counts": {}, "skipped": {}, "without_caption": {}, "empty_captions": {}}
     with atomic_path(out) as tmp:
@@ -46,8 +44,8 @@ def main(params_path: str, data: str, out: str) -> None:
                 bad = resize_all(pairs, params.side, params.quality, params.workers, desc=f"resize {split}",
                                  skip_bad=policy == "skip")
             except BadImageError as err:
-                raise SystemExit(f"resize: {err}\nFix or remove the file, or set data.on_bad_image: skip to "
-                                 f"leave such images out (they are listed in {Path(out) / 'bad_images.json'})") from None
+                raise DatasetError(f"{err}. Fix or remove the file, or set data.on_bad_image: skip to leave such "
+                                   f"images out (they are listed in {Path(out) / 'bad_images.json'})") from None
             kept = [r for i, r in enumerate(records) if i not in bad]
             info = load_json(captions_path(data, split)).get("info", {})
             doc = coco_captions(kept, raw.captions, info.get("description", split))
@@ -77,4 +75,4 @@ if __name__ == "__main__":
     parser.add_argument("--data", required=True, help="dataset folder (download's output)")
     parser.add_argument("--out", required=True, help="folder of resized images (and their captions) to create")
     args = parser.parse_args()
-    main(args.params, args.data, args.out)
+    run_stage("resize", main, args.params, args.data, args.out)

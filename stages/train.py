@@ -17,9 +17,10 @@ import torch
 from captioning import accel, features, synthetic
 from captioning.checkpoint import save_checkpoint
 from captioning.datasets import read_split
+from captioning.errors import run_stage
 from captioning.io import write_json_atomic, write_text_atomic
 from captioning.model import Captioner
-from captioning.params import load_params
+from captioning.params import ParamsError, load_params
 from captioning.text import Vocabulary
 from captioning.tracking import MetricLogger, start_pipeline_run, write_run_info
 from captioning.training import fit, training_data
@@ -103,8 +104,8 @@ def main(args: argparse.Namespace) -> None:
     train_split, val_split = read_split(args.data, "train"), read_split(args.data, "val")
     scenes = synthetic.has_scenes(val_split.captioned())
     if params.train.select_metric in synthetic.SCENE_METRICS and not scenes:
-        raise SystemExit(f"train: train.select_metric is {params.train.select_metric}, which needs the synthetic "
-                         "dataset's scenes; this dataset has none: pick cider, bleu_4 or val_loss")
+        raise ParamsError(f"train.select_metric is {params.train.select_metric}, which needs the synthetic "
+                          "dataset's scenes; this dataset has none: pick cider, bleu_4 or val_loss")
     backbone_state = torch.load(args.backbone, map_location="cpu", weights_only=True)
     model = Captioner.build(params.model, len(vocab), backbone_state)
     cached = None
@@ -164,4 +165,4 @@ if __name__ == "__main__":
     parser.add_argument("--plots", required=True, help="folder for the loss/validation CSVs")
     parser.add_argument("--run-info", required=True, help="JSON to write: the MLflow run that trained the checkpoint")
     parser.add_argument("--resume-dir", required=True, help="where resume state lives (not a DVC output)")
-    main(parser.parse_args())
+    run_stage("train", main, parser.parse_args())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from captioning.datasets import read_split
+from captioning.errors import run_stage
 from captioning.params import load_params
 from captioning.text import Vocabulary, tokenize
 
@@ -32,4 +33,4 @@ if __name__ == "__main__":
     parser.add_argument("--data", required=True, help="dataset folder: captions of the images kept (resize's output)")
     parser.add_argument("--out", required=True, help="vocabulary JSON to write")
     args = parser.parse_args()
-    main(args.params, args.data, args.out)
+    run_stage("vocab", main, args.params, args.data, args.out)

@@ -21,12 +21,36 @@ def test_collate_pads_sorts_and_maps_captions_to_images():
 
 def test_sampler_is_a_function_of_seed_and_epoch_and_resumes():
     full = EpochBatchSampler(10, 3, seed=1, epoch=2).batches()
-    assert [len(b) for b in full] == [3, 3, 3, 1]
+    assert [len(b) for b in full] == [3, 3, 4]  # a last batch of 1 joins the one before (BatchNorm)
     assert sorted(i for b in full for i, _ in b) == list(range(10))
     assert full == EpochBatchSampler(10, 3, seed=1, epoch=2).batches()
     assert full != EpochBatchSampler(10, 3, seed=1, epoch=3).batches()
-    assert list(EpochBatchSampler(10, 3, seed=1, epoch=2, start=2)) == full[2:]
-    assert len(EpochBatchSampler(10, 3, seed=1, epoch=2, start=2)) == 2
+    assert list(EpochBatchSampler(10, 3, seed=1, epoch=2, start=1)) == full[1:]
+    assert len(EpochBatchSampler(10, 3, seed=1, epoch=2, start=1)) == 2
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 129, 130])
+def test_every_dataset_size_gives_batches_batchnorm_can_use(size, world):
+    """Every process gets at least 2 images a step, every image is seen each epoch, and a
+    dataset smaller than that is repeated with fresh item seeds (so fresh crops)."""
+    batch = 128 if size > 100 else 4
+    shares = [EpochBatchSampler(size, batch, seed=0, epoch=0, rank=r, world=world).batches() for r in range(world)]
+    steps = {len(s) for s in shares}
+    assert len(steps) == 1  # every process takes every step
+    items = [item for s in shares for b in s for item in b]
+    assert all(len(b) >= 2 for s in shares for b in s)
+    assert {i for i, _ in items} == set(range(size))
+    assert len({seed for _, seed in items}) == len(items)  # no two items share a seed
+    if size >= 2 * world:
+        assert len(items) == size  # nothing repeated when the data suffices
+    if size == 129 and world == 1:
+        assert [len(b) for b in shares[0]] == [129]  # 128 + 1: the 1 joins the batch before
+
+
+def test_a_batch_below_two_images_per_process_is_refused():
+    with pytest.raises(ValueError, match="fewer than 2 per process"):
+        EpochBatchSampler(10, 3, seed=0, epoch=0, world=2)
 
 
 def test_dataset_items_and_augmentation_depend_only_on_item_seed(tiny_data):
@@ -57,8 +81,10 @@ def test_eval_transform_is_the_centre_crop_of_the_train_scale(tiny_data):
 
 def test_distributed_ranks_share_every_batch_of_the_single_process_run():
     whole = EpochBatchSampler(10, 4, seed=1, epoch=0).batches()  # batches of 4, 4, 2
-    shares = [EpochBatchSampler(10, 4, seed=1, epoch=0, rank=r, world=3).batches() for r in range(3)]
-    assert [len(s) for s in shares] == [2, 2, 2]  # the 2-image batch cannot feed 3 processes: dropped
-    for step in range(2):
-        assert sorted(sum((s[step] for s in shares), [])) == sorted(whole[step])
-    assert len(EpochBatchSampler(10, 4, seed=1, epoch=0, rank=1, world=3, start=1)) == 1
+    shares = [EpochBatchSampler(10, 4, seed=1, epoch=0, rank=r, world=2).batches() for r in range(2)]
+    assert [len(b) for b in whole] == [4, 4, 2]
+    # 2 images cannot give 2 processes 2 each: the last batch joins the one before
+    assert [[len(b) for b in s] for s in shares] == [[2, 3], [2, 3]]
+    assert sorted(sum((s[0] for s in shares), [])) == sorted(whole[0])
+    assert sorted(sum((s[1] for s in shares), [])) == sorted(whole[1] + whole[2])
+    assert len(EpochBatchSampler(10, 4, seed=1, epoch=0, rank=1, world=2, start=1)) == 1

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torchvision
 
-from captioning.model import Captioner, PretrainedWeightsError, load_backbone
+from captioning.model import Captioner, WeightsError, load_backbone
 from captioning.params import ModelParams
 
 SMALL = ModelParams(backbone="resnet18", image_size=64, embed_size=16, hidden_size=24, max_seq_len=7)
@@ -58,9 +58,9 @@ def test_pretrained_weights_from_a_local_file(tmp_path):
 def test_pretrained_weights_missing_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
     params = ModelParams(**{**SMALL.__dict__, "pretrained": True})
-    with pytest.raises(PretrainedWeightsError, match="not in the torch hub cache.*weights_path.*pretrained: false"):
+    with pytest.raises(WeightsError, match="not in the torch hub cache.*weights_path.*pretrained: false"):
         load_backbone(params)
-    with pytest.raises(PretrainedWeightsError, match="no file at"):
+    with pytest.raises(WeightsError, match="no file at"):
         load_backbone(ModelParams(**{**SMALL.__dict__, "pretrained": True, "weights_path": str(tmp_path / "x.pth")}))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from captioning.errors import UserError
 from captioning.io import atomic_path
 from captioning.model import Captioner
 from captioning.text import Vocabulary
@@ -17,7 +18,7 @@ from captioning.text import Vocabulary
 FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     pass
 
 

@@ -95,30 +95,45 @@ class EpochBatchSampler(Sampler):
     interrupted one stopped. Under DistributedDataParallel each of `world` processes takes its
     share (`rank`) of every batch, so a step still covers `batch_size` images in all and the
     gradient (averaged by DDP) is that of the whole batch.
+
+    Any dataset size works. BatchNorm's batch statistics need at least two images per process
+    (`min_batch`), so a last batch smaller than that joins the batch before it (129 images in
+    batches of 128: one batch of 129), and a dataset smaller than that is repeated within its one
+    batch, each copy with its own item seed (so its own crop). A `batch_size` below `min_batch` is
+    an error: the caller names the param.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, epoch: int, start: int = 0,
                  rank: int = 0, world: int = 1):
         self.size, self.batch_size, self.seed, self.epoch, self.start = size, batch_size, seed, epoch, start
         self.rank, self.world = rank, world
+        self.min_batch = 2 * world
+        if batch_size < self.min_batch:
+            raise ValueError(f"a batch of {batch_size} images leaves fewer than 2 per process for BatchNorm "
+                             f"({world} process{'es' if world > 1 else ''}): at least {self.min_batch} are needed")
 
     def batches(self) -> list[list[tuple[int, int]]]:
+        if self.size == 0:
+            return []
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         base = (self.seed * 100_003 + self.epoch) * 10_000_019
         items = [(i, base + i) for i in order]
-        batches = [items[k:k + self.batch_size] for k in range(0, self.size, self.batch_size)]
-        if self.world > 1:
-            # Every process must take every step: a last batch too small to share is dropped.
-            batches = [b[self.rank::self.world] for b in batches if len(b) >= self.world]
-        return batches
+        copies = 1
+        while len(items) < self.min_batch:  # a tiny dataset: whole copies, each item with its own seed
+            items += [(i, base + copies * self.size + i) for i in order]
+            copies += 1
+        batches = [items[k:k + self.batch_size] for k in range(0, len(items), self.batch_size)]
+        if len(batches) > 1 and len(batches[-1]) < self.min_batch:
+            last = batches.pop()
+            batches[-1] = batches[-1] + last
+        return [b[self.rank::self.world] for b in batches] if self.world > 1 else batches
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         yield from self.batches()[self.start:]
 
     def __len__(self) -> int:
-        full = len(self.batches()) if self.world > 1 else -(-self.size // self.batch_size)
-        return max(0, full - self.start)
+        return max(0, len(self.batches()) - self.start)
 
 
 def collate_captions(batch):

@@ -14,12 +14,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from captioning.errors import UserError
 from captioning.text import tokenize
 
 SPLITS = ("train", "val", "test")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Malformed dataset input; the message names the file and the record."""
 
 

@@ -26,12 +26,14 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from captioning.errors import UserError
+
 CHUNK = 1 << 20  # bytes per read: large enough for speed, small enough for a live progress bar
 # Statuses worth another try: the server or a proxy is busy or restarting, not refusing us.
 TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A transfer, checksum or extraction failed; the message says what and where."""
 
 

@@ -28,10 +28,11 @@ from tqdm import tqdm
 
 from captioning import accel
 from captioning.data import ImageDataset
+from captioning.errors import UserError
 from captioning.images import Transform
 
 
-class FeaturesError(ValueError):
+class FeaturesError(UserError, ValueError):
     """Cached features that do not match the split or model they are used with."""
 
 

@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from captioning.errors import UserError
+
 # torch is imported inside the few functions that make tensors: the resize stage and its worker
 # processes never use it, and importing it costs each of them ~4 s (more under spawn).
 if TYPE_CHECKING:
@@ -56,7 +58,7 @@ def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
         return image.convert("RGB")
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError, ValueError):
     """An image file that cannot be used; the message names the file, `kind` says what is wrong
     ("missing file", "empty file", ...) and `reason` adds the decoder's words, if any."""
 

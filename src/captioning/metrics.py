@@ -17,12 +17,13 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from captioning.errors import UserError
 from captioning.text import tokenize
 
 METRIC_NAMES = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
 
 
-class MetricsError(RuntimeError):
+class MetricsError(UserError, RuntimeError):
     pass
 
 

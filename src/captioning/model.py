@@ -16,11 +16,12 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from captioning import accel
+from captioning.errors import UserError
 from captioning.params import ModelParams
 
 
-class PretrainedWeightsError(RuntimeError):
-    """ImageNet weights were asked for but are not on this machine."""
+class WeightsError(UserError, ValueError):
+    """Backbone weights that are missing or do not fit the backbone."""
 
 
 def resnet(name: str) -> nn.Module:
@@ -44,12 +45,12 @@ def _pretrained_state(params: ModelParams) -> dict:
     if params.weights_path:
         path = Path(params.weights_path)
         if not path.is_file():
-            raise PretrainedWeightsError(f"model.weights_path: no file at {path}")
+            raise WeightsError(f"model.weights_path: no file at {path}")
         return torch.load(path, map_location="cpu", weights_only=True)
     weights = torchvision.models.get_model_weights(params.backbone).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     if not cached.is_file():
-        raise PretrainedWeightsError(
+        raise WeightsError(
             f"model.pretrained is true but the ImageNet weights of {params.backbone} are not in the "
             f"torch hub cache ({cached}). Either copy them there (on a machine with internet: "
             f"python -c \"import torchvision; torchvision.models.{params.backbone}(weights='DEFAULT')\"), "
@@ -65,7 +66,7 @@ def backbone_from_state(params: ModelParams, state: dict) -> nn.Module:
     backbone = resnet(params.backbone)
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("fc.") for k in missing):
-        raise ValueError(f"backbone weights do not fit {params.backbone}: missing {missing[:3]}, "
+        raise WeightsError(f"backbone weights do not fit {params.backbone}: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}; rerun the pretrain stage")
     return backbone
 

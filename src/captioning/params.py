@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from captioning.errors import UserError
+
 SOURCES = ("synthetic", "coco2014", "coco2017", "flickr8k", "flickr30k", "local")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -31,7 +33,7 @@ CPU_ISAS = ("avx2", "native")
 BAD_IMAGE_POLICIES = ("error", "skip")
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """A params value or key is wrong; the message names the key and the fix."""
 
 
@@ -136,7 +138,7 @@ class PretrainParams:
 
     def check(self) -> None:
         _at_least("pretrain.epochs", self.epochs, 0)
-        _at_least("pretrain.batch_size", self.batch_size, 1)
+        _at_least("pretrain.batch_size", self.batch_size, 2)  # BatchNorm needs 2 images a step
         _positive("pretrain.lr", self.lr)
         _at_least("pretrain.max_concepts", self.max_concepts, 1)
         _at_least("pretrain.min_images", self.min_images, 1)

@@ -102,7 +102,7 @@ def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], *,
     backbone = accel.channels_last(backbone.to(device), device).train()
     optimizer = torch.optim.Adam(backbone.parameters(), lr=lr)
     criterion = nn.BCEWithLogitsLoss()
-    steps_per_epoch = -(-len(paths) // batch_size)
+    steps_per_epoch = len(EpochBatchSampler(len(paths), batch_size, seed + 1, 0))
     # One cycle (warm up to `lr`, then anneal towards 0) trains a from-scratch CNN much further in
     # a short budget than a constant rate (Smith & Topin 2017, "super-convergence").
     scheduler = (torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch),

@@ -37,7 +37,7 @@ from captioning.images import Transform
 from captioning.io import atomic_path
 from captioning.metrics import quick_scores
 from captioning.model import Captioner
-from captioning.params import ComputeParams, TrainParams
+from captioning.params import ComputeParams, ParamsError, TrainParams
 from captioning.text import Vocabulary
 
 # Scores that need more than the captions (the synthetic data's scenes): (records, id -> caption)
@@ -173,6 +173,9 @@ def fit(model: Captioner, data: TrainingData, params: TrainParams, *, seed: int,
     """
     if data.pooled and model.encoder.train_backbone:
         raise ValueError("cached features need a frozen backbone (model.train_backbone: false)")
+    if data.images_per_batch < 2 * here.size:  # BatchNorm needs 2 images per process (data.EpochBatchSampler)
+        raise ParamsError(f"train.batch_size {params.batch_size} makes steps of {data.images_per_batch} image(s); "
+                          f"BatchNorm needs at least 2 per process ({here.size}): raise train.batch_size")
     model.to(device)
     if not data.pooled:
         model.encoder.backbone = accel.channels_last(model.encoder.backbone, device)
