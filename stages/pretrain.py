@@ -10,20 +10,21 @@ from captioning import accel
 from captioning.datasets import read_split
 from captioning.errors import run_stage
 from captioning.io import atomic_path, write_json_atomic
-from captioning.model import load_backbone
-from captioning.params import check_inputs, load_params
+from captioning.model import recorded_weights, resnet
+from captioning.params import load_params
 from captioning.pretrain import build_concepts, pretrain_backbone
 
-PARAMS = ("seed", "pretrain", "model.backbone", "model.pretrained", "model.weights_path", "model.image_size",
-          "compute")
+PARAMS = ("seed", "pretrain", "model.backbone", "model.image_size", "compute")
 
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params, PARAMS)
-    check_inputs({"model.weights_path": params.model.weights_path}, args.inputs)
     torch.manual_seed(params.seed)
     device = accel.prepare(params.compute)
-    backbone = load_backbone(params.model)  # ImageNet weights when model.pretrained
+    backbone = resnet(params.model.backbone)
+    imagenet = recorded_weights(args.weights, params.model.backbone)  # None unless model.pretrained
+    if imagenet is not None:
+        backbone.load_state_dict(imagenet)
     summary = {"pretrain_epochs": params.pretrain.epochs}
     if params.pretrain.epochs:
         split = read_split(args.data, "train")
@@ -48,5 +49,5 @@ if __name__ == "__main__":
     parser.add_argument("--data", required=True, help="dataset folder (captions and images)")
     parser.add_argument("--out", required=True, help="backbone state_dict to write")
     parser.add_argument("--metrics", required=True, help="pretrain summary JSON to write")
-    parser.add_argument("--inputs", required=True, help="folder holding the file model.weights_path names")
+    parser.add_argument("--weights", required=True, help="the weights stage's record of the ImageNet weights")
     run_stage("pretrain", main, parser.parse_args())

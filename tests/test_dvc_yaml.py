@@ -16,6 +16,7 @@ PACKAGE = "captioning"
 # Modules that cannot change a stage's output, and why; everything else a stage imports is a dep.
 NOT_DEPENDENCIES = {
     "io": "atomic file writes",
+    "errors": "the user-error class and its one-line report (cannot change an output)",
     "tracking": "MLflow logging",
     "serving": "packaging the MLflow model (the checkpoint and decoding files are outputs already)",
     "params": "parsing and checking params.yaml; every value comes from params.yaml, which spells out "

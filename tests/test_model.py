@@ -1,8 +1,6 @@
-import pytest
 import torch
-import torchvision
 
-from captioning.model import Captioner, WeightsError, load_backbone
+from captioning.model import Captioner
 from captioning.params import ModelParams
 
 SMALL = ModelParams(backbone="resnet18", image_size=64, embed_size=16, hidden_size=24, max_seq_len=7)
@@ -45,31 +43,3 @@ def test_frozen_backbone_stays_in_eval_mode_and_gets_no_gradient():
     assert model.encoder.linear.weight.grad is not None
 
 
-def test_pretrained_weights_from_a_local_file(tmp_path):
-    torch.manual_seed(3)
-    reference = torchvision.models.resnet18(weights=None)
-    path = tmp_path / "resnet18.pth"
-    torch.save(reference.state_dict(), path)
-    params = ModelParams(**{**SMALL.__dict__, "pretrained": True, "weights_path": str(path)})
-    loaded = load_backbone(params)
-    assert torch.equal(loaded.conv1.weight, reference.conv1.weight)
-
-
-def test_pretrained_weights_missing_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
-    params = ModelParams(**{**SMALL.__dict__, "pretrained": True})
-    with pytest.raises(WeightsError, match="not in the torch hub cache.*weights_path.*pretrained: false"):
-        load_backbone(params)
-    with pytest.raises(WeightsError, match="no file at"):
-        load_backbone(ModelParams(**{**SMALL.__dict__, "pretrained": True, "weights_path": str(tmp_path / "x.pth")}))
-
-
-def test_pretrained_weights_from_the_hub_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    url = torchvision.models.ResNet18_Weights.DEFAULT.url
-    cache = tmp_path / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
-    reference = torchvision.models.resnet18(weights=None)
-    torch.save(reference.state_dict(), cache / url.rsplit("/", 1)[1])
-    loaded = load_backbone(ModelParams(**{**SMALL.__dict__, "pretrained": True}))
-    assert torch.equal(loaded.fc.weight, reference.fc.weight)

@@ -21,6 +21,7 @@ import yaml
 from PIL import Image
 
 from captioning.datasets import DatasetError, read_split
+from captioning.errors import UserError
 from captioning.images import BadImageError, load_rgb, resize_all
 from conftest import REPO, venv_env
 
@@ -229,11 +230,11 @@ def test_bad_images_in_a_local_source_under_both_policies(tmp_path, monkeypatch)
                 for n, s in enumerate(("val", "test"))]
     (tmp_path / "captions.json").write_text(json.dumps({"images": entries}))
 
-    with pytest.raises(SystemExit, match=r"1 of 14 images are missing \(looked in .*photos\): missing.jpg"):
+    with pytest.raises(UserError, match=r"1 of 14 images are missing \(looked in .*photos\): missing.jpg"):
         _stage("download").main(_local_params(tmp_path), "raw", "downloads", "source.json", str(tmp_path))
     _stage("download").main(_local_params(tmp_path, on_bad_image="skip"), "raw", "downloads", "source.json",
                             str(tmp_path))
-    with pytest.raises(SystemExit, match=r"(?s)photos/\w+\.(jpg|png): .*on_bad_image: skip"):
+    with pytest.raises(UserError, match=r"(?s)photos/\w+\.(jpg|png): .*on_bad_image: skip"):
         _stage("resize").main(_local_params(tmp_path), "raw", "resized")
     assert not (tmp_path / "resized").exists()
 
@@ -276,15 +277,15 @@ def test_bad_annotations_in_a_local_source(tmp_path, monkeypatch):
         _stage("download").main(params, "raw", "downloads", "source.json", str(tmp_path))
 
     images = [{"id": i, "file_name": f"{i}.jpg"} for i in range(6)]
-    with pytest.raises(SystemExit, match=r"captions\.json: not valid JSON"):
+    with pytest.raises(UserError, match=r"captions\.json: not valid JSON"):
         attempt('{"images": [')
-    with pytest.raises(SystemExit, match=r"captions\.json: annotations\[0\] needs 'image_id' and 'caption'"):
+    with pytest.raises(UserError, match=r"captions\.json: annotations\[0\] needs 'image_id' and 'caption'"):
         attempt({"images": images, "annotations": [{"image_id": 0}]})
-    with pytest.raises(SystemExit, match=r"captions\.json: images\[1\] repeats image id 0"):
+    with pytest.raises(UserError, match=r"captions\.json: images\[1\] repeats image id 0"):
         attempt({"images": [images[0], {**images[1], "id": 0}], "annotations": []})
-    with pytest.raises(SystemExit, match=r"images\[0\] file_name '../0.jpg' must be a relative path inside"):
+    with pytest.raises(UserError, match=r"images\[0\] file_name '../0.jpg' must be a relative path inside"):
         attempt({"images": [{"id": 0, "file_name": "../0.jpg"}], "annotations": []})
-    with pytest.raises(SystemExit, match=r"no 'annotations' list|needs 'filename', 'split' and 'sentences'"):
+    with pytest.raises(UserError, match=r"no 'annotations' list|needs 'filename', 'split' and 'sentences'"):
         attempt({"images": [{"id": 0}]})
 
     long_caption = "Ein Café, très grand — " + "word " * 400

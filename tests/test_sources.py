@@ -25,6 +25,7 @@ from PIL import Image
 from captioning import sources
 from captioning.datasets import DatasetError, SPLITS, read_split
 from captioning.download import Archive, DownloadError, fetch, safe_extract
+from captioning.errors import UserError
 from captioning.io import atomic_path
 from captioning.params import DataParams, ParamsError
 from captioning.presets import flags, load_preset
@@ -195,7 +196,7 @@ def test_coco2014_download_karpathy_split_vocab_resize(tmp_path, monkeypatch):
 
     # The truncated JPEG from the archive: stops resize under the default policy, naming it...
     params_path = write_params(tmp_path / "params.yaml", source="coco2014", base_url=loop.url)
-    with pytest.raises(SystemExit, match=r"(?s)COCO_train2014_000000000034\.jpg: truncated or corrupt.*on_bad_image: skip"):
+    with pytest.raises(UserError, match=r"(?s)COCO_train2014_000000000034\.jpg: truncated or corrupt.*on_bad_image: skip"):
         stage("resize").main(str(params_path), "data/raw", "data/resized")
     assert not Path("data/resized").exists()
     # ... and is skipped and reported under skip; vocab reads what resize kept.

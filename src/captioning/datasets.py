@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captioning.errors import UserError
-from captioning.text import tokenize
+from captioning.text import has_words
 
 SPLITS = ("train", "val", "test")
 
@@ -115,7 +115,7 @@ def parse_coco(coco, path: str | Path, keep_empty: bool = False) -> tuple[list[d
             raise DatasetError(f"{path}: annotations[{n}] refers to image_id {ann['image_id']} not in 'images'")
         if not isinstance(ann["caption"], str):
             raise DatasetError(f"{path}: annotations[{n}] caption must be a string, got {ann['caption']!r:.100}")
-        if not tokenize(ann["caption"]):
+        if not has_words(ann["caption"]):
             empty += 1  # an empty or punctuation-only caption teaches nothing: skipped, counted
             if not keep_empty:
                 continue

@@ -15,9 +15,11 @@ import hashlib
 import http.client
 import os
 import shutil
+import socket
 import stat
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable
@@ -41,8 +43,10 @@ class DownloadError(UserError, RuntimeError):
 class Archive:
     name: str  # file name, also the name on a mirror (`<base_url>/<name>`)
     url: str  # the official address
-    size: int  # published size in bytes
-    checksum: str  # "md5:<hex>" or "sha256:<hex>"
+    size: int | None  # published size in bytes; None: unpublished, the server's Content-Length
+    # "md5:<hex>" or "sha256:<hex>"; a shorter hex is a prefix of the digest, as torchvision
+    # publishes its weights' sha256 in their file names (resnet18-f37072fd.pth)
+    checksum: str
 
     def hasher(self):
         algorithm = self.checksum.split(":", 1)[0]
@@ -54,6 +58,9 @@ class Archive:
     def digest(self) -> str:
         return self.checksum.split(":", 1)[1].lower()
 
+    def matches(self, hexdigest: str) -> bool:
+        return hexdigest.startswith(self.digest)
+
 
 def fetch(archive: Archive, folder: str | Path, *, base_url: str = "", retries: int = 5,
           backoff: float = 2.0, timeout: float = 60.0) -> Path:
@@ -61,17 +68,17 @@ def fetch(archive: Archive, folder: str | Path, *, base_url: str = "", retries: 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final, part = folder / archive.name, folder / f"{archive.name}.part"
-    if final.is_file() and final.stat().st_size == archive.size:
+    if final.is_file() and archive.size in (None, final.stat().st_size):
         return final  # only ever renamed into place after verification
     url = f"{base_url.rstrip('/')}/{archive.name}" if base_url else archive.url
     state = _State(archive)
-    if part.is_file() and part.stat().st_size <= archive.size:
+    if part.is_file() and (archive.size is None or part.stat().st_size <= archive.size):
         state.offset = part.stat().st_size
         _hash_prefix(part, state.hasher)  # hash while streaming: no second pass over 13 GB at the end
     attempt = 0
     with tqdm(total=archive.size, initial=state.offset, unit="B", unit_scale=True, unit_divisor=1024,
               desc=f"download {archive.name}") as bar:
-        while state.offset < archive.size:
+        while not state.done():
             before = state.offset
             try:
                 _transfer(url, part, state, bar, timeout)
@@ -81,12 +88,12 @@ def fetch(archive: Archive, folder: str | Path, *, base_url: str = "", retries: 
                 attempt += 1
                 if attempt > retries:
                     raise DownloadError(f"{url}: giving up after {retries} retries ({err}); {state.offset} "
-                                        f"of {archive.size} bytes kept in {part}, run again to resume") from None
+                                        f"of {state.total or '?'} bytes kept in {part}, run again to resume") from None
                 wait = min(backoff * 2 ** (attempt - 1), 60.0)
                 tqdm.write(f"download {archive.name}: {err}; retry {attempt}/{retries} in {wait:.0f}s "
                            f"from byte {state.offset}")
                 time.sleep(wait)
-    if state.hasher.hexdigest() != archive.digest:
+    if not archive.matches(state.hasher.hexdigest()):
         part.unlink()
         raise DownloadError(f"{url}: checksum mismatch ({archive.checksum.split(':')[0]} {state.hasher.hexdigest()}, "
                             f"expected {archive.digest}); the corrupt file was deleted, run again to re-download")
@@ -103,6 +110,10 @@ class _State:
 
     def __init__(self, archive: Archive):
         self.archive, self.offset, self.hasher = archive, 0, archive.hasher()
+        self.total = archive.size  # None until a server says it, when the table has no size
+
+    def done(self) -> bool:
+        return self.total is not None and self.offset >= self.total
 
     def restart(self) -> None:
         self.offset, self.hasher = 0, self.archive.hasher()
@@ -125,6 +136,10 @@ def _transfer(url: str, part: Path, state: _State, bar, timeout: float) -> None:
             raise _Transient(f"HTTP {err.code}") from None
         raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        if isinstance(getattr(err, "reason", None), socket.gaierror):  # no DNS: offline, retrying will not help
+            raise DownloadError(f"{url}: cannot resolve {urllib.parse.urlsplit(url).hostname} ({err.reason.strerror}): "
+                                "no network here? Copy the file in by hand (see the README) or set "
+                                "data.base_url to a mirror you can reach") from None
         raise _Transient(str(getattr(err, "reason", err))) from None
     with response:
         if state.offset and response.status == 200:
@@ -134,7 +149,11 @@ def _transfer(url: str, part: Path, state: _State, bar, timeout: float) -> None:
         elif state.offset and not response.headers.get("Content-Range", "").startswith(f"bytes {state.offset}-"):
             raise _Transient(f"unexpected Content-Range {response.headers.get('Content-Range')!r}")
         length = response.headers.get("Content-Length")
-        if length is not None and state.offset + int(length) != archive.size:
+        if length is not None and archive.size is None:
+            state.total = state.offset + int(length)
+            bar.reset(total=state.total)
+            bar.update(state.offset)
+        elif length is not None and state.offset + int(length) != archive.size:
             raise DownloadError(f"{url}: server reports {state.offset + int(length)} bytes, the table says "
                                 f"{archive.size}; wrong file or an outdated table")
         with open(part, "r+b" if state.offset else "wb") as out:
@@ -155,11 +174,13 @@ def _transfer(url: str, part: Path, state: _State, bar, timeout: float) -> None:
             finally:
                 out.flush()
                 os.fsync(out.fileno())
-    if state.offset < archive.size:
-        raise _Transient(f"connection closed at byte {state.offset} of {archive.size}")
-    if state.offset > archive.size:
+    if state.total is None:  # no size anywhere: the body's end is the file's end
+        state.total = state.offset
+    if state.offset < state.total:
+        raise _Transient(f"connection closed at byte {state.offset} of {state.total}")
+    if state.offset > state.total:
         part.unlink()
-        raise DownloadError(f"{url}: got more than the {archive.size} bytes the table gives; deleted")
+        raise DownloadError(f"{url}: got more than the {state.total} bytes announced; deleted")
 
 
 def _hash_prefix(path: Path, hasher) -> None:

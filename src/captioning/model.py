@@ -7,6 +7,7 @@ caption's tokens (teacher forcing). Greedy decoding feeds back the argmax word.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,12 +17,13 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from captioning import accel
+from captioning.datasets import load_json
 from captioning.errors import UserError
-from captioning.params import ModelParams
+from captioning.params import BACKBONES, ModelParams
 
 
 class WeightsError(UserError, ValueError):
-    """Backbone weights that are missing or do not fit the backbone."""
+    """Backbone weights that are missing, changed, or of another architecture."""
 
 
 def resnet(name: str) -> nn.Module:
@@ -29,35 +31,60 @@ def resnet(name: str) -> nn.Module:
     return getattr(torchvision.models, name)(weights=None)
 
 
-def load_backbone(params: ModelParams) -> nn.Module:
-    """The torchvision ResNet named by `params.backbone`, with ImageNet weights if asked for.
-
-    Weights come from `params.weights_path` or the torch hub cache; nothing is downloaded here,
-    so an offline machine gets a clear message rather than a network error deep in torchvision.
-    """
-    backbone = resnet(params.backbone)
-    if params.pretrained:
-        backbone.load_state_dict(_pretrained_state(params))
-    return backbone
+# ---- ImageNet weights (found or fetched by the weights stage: captioning.imagenet) --------------
 
 
-def _pretrained_state(params: ModelParams) -> dict:
-    if params.weights_path:
-        path = Path(params.weights_path)
-        if not path.is_file():
-            raise WeightsError(f"model.weights_path: no file at {path}")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    weights = torchvision.models.get_model_weights(params.backbone).DEFAULT
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if not cached.is_file():
-        raise WeightsError(
-            f"model.pretrained is true but the ImageNet weights of {params.backbone} are not in the "
-            f"torch hub cache ({cached}). Either copy them there (on a machine with internet: "
-            f"python -c \"import torchvision; torchvision.models.{params.backbone}(weights='DEFAULT')\"), "
-            f"set model.weights_path to a local copy of {Path(weights.url).name}, "
-            f"or set model.pretrained: false to train from scratch."
-        )
-    return torch.load(cached, map_location="cpu", weights_only=True)
+def hub_checkpoints() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def architecture(state: dict) -> str | None:
+    """Which torchvision ResNet a state_dict is the weights of (all layers but fc), if any."""
+    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("fc.")}
+    for name in BACKBONES:
+        with torch.device("meta"):  # shapes only: no memory, no random draws
+            reference = resnet(name).state_dict()
+        if shapes == {k: tuple(v.shape) for k, v in reference.items() if not k.startswith("fc.")}:
+            return name
+    return None
+
+
+def load_weights(path: Path, backbone: str) -> dict:
+    """The state_dict in `path`, refused unless it is `backbone`'s."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors alike: the file is not a weights file
+        raise WeightsError(f"{path}: not a PyTorch weights file ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a state_dict (a mapping of tensor names to tensors)")
+    found = architecture(state)
+    if found is None:
+        raise WeightsError(f"{path} holds the weights of no torchvision ResNet; model.backbone {backbone} needs "
+                           f"{backbone}'s")
+    if found != backbone:
+        raise WeightsError(f"{path} holds {found} weights, but model.backbone is {backbone}: set model.backbone: "
+                           f"{found}, or use {backbone}'s weights")
+    return state
+
+
+def recorded_weights(record_path: str | Path, backbone: str) -> dict | None:
+    """The state_dict the weights stage recorded (None: not pretrained), checked against the record."""
+    entry = load_json(record_path, missing="run the weights stage (dvc repro weights)")
+    if not entry.get("pretrained"):
+        return None
+    path = Path(entry["weights_path"]) if entry["weights_path"] else hub_checkpoints() / entry["file"]
+    if not path.is_file() or file_sha256(path) != entry["sha256"]:
+        raise WeightsError(f"{path}: {'gone' if not path.is_file() else 'changed'} since the weights stage "
+                           f"recorded it in {record_path}: run `dvc repro -f weights`")
+    return load_weights(path, backbone)
 
 
 def backbone_from_state(params: ModelParams, state: dict) -> nn.Module:
@@ -245,8 +272,8 @@ class Captioner(nn.Module):
     @classmethod
     def build(cls, params: ModelParams, vocab_size: int, backbone_state: dict | None = None) -> "Captioner":
         """A new model for training, its backbone from `backbone_state` (the pretrain stage's
-        output) or else as `params.pretrained` says."""
-        backbone = load_backbone(params) if backbone_state is None else backbone_from_state(params, backbone_state)
+        output: every layer but fc), else with random weights."""
+        backbone = resnet(params.backbone) if backbone_state is None else backbone_from_state(params, backbone_state)
         return cls({**asdict(params), "vocab_size": vocab_size}, backbone=backbone)
 
     def forward(self, inputs, captions, lengths, image_index, pooled: bool = False):

@@ -24,6 +24,7 @@ from captioning.errors import UserError
 
 SOURCES = ("synthetic", "coco2014", "coco2017", "flickr8k", "flickr30k", "local")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+WEIGHTS_VERSIONS = ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # Validation metrics the best epoch may be selected by; all but val_loss are better when higher.
 SELECT_METRICS = ("cider", "bleu_4", "grounded", "val_loss")
@@ -107,7 +108,10 @@ class ResizeParams:
 class ModelParams:
     backbone: str = "resnet18"
     pretrained: bool = False  # ImageNet weights from the torch hub cache or `weights_path`
-    weights_path: str = ""  # a local torchvision state_dict file; "" = torch hub cache
+    weights_path: str = ""  # a torchvision state_dict file in inputs/model/; "" = the hub cache, else download
+    # torchvision's name for the ImageNet weights: DEFAULT (its best), IMAGENET1K_V1 (what the seed's
+    # pretrained=True loads), IMAGENET1K_V2 (resnet50 and larger)
+    weights_version: str = "DEFAULT"
     train_backbone: bool = False  # False freezes the CNN after pretrain (the seed's setting)
     image_size: int = 32  # network input side; stored images are cropped/scaled to it
     embed_size: int = 128
@@ -117,6 +121,7 @@ class ModelParams:
 
     def check(self) -> None:
         _one_of("model.backbone", self.backbone, BACKBONES)
+        _one_of("model.weights_version", self.weights_version, WEIGHTS_VERSIONS)
         for key in ("embed_size", "hidden_size", "num_layers", "max_seq_len"):
             _at_least(f"model.{key}", getattr(self, key), 1)
         _at_least("model.image_size", self.image_size, 32)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,17 +121,24 @@ def _link_target(target: Path, link: Path) -> str:
     return str(target)
 
 
+# torchvision's ImageNet weights files (captioning.imagenet): a mirror's checksums may list them too
+WEIGHTS_FILE = re.compile(r"^resnet\d+-[0-9a-f]{8,}\.pth$")
+
+
 def load_table(checksums: str) -> dict[str, Archive]:
-    """The archive table, with sizes/checksums overridden from a JSON file (a mirror's own archives)."""
+    """The archive table, with sizes/checksums overridden (or, for weights files, given) by a JSON
+    file: a mirror's own copies."""
     if not checksums:
         return dict(ARCHIVES)
     raw = load_json(checksums)
     table = dict(ARCHIVES)
     for name, entry in (raw.items() if isinstance(raw, dict) else []):
-        if name not in table or not isinstance(entry, dict) or set(entry) != {"size", "checksum"}:
-            raise DatasetError(f"{checksums}: entry {name!r} must be one of {sorted(table)} "
-                               "with exactly 'size' and 'checksum'")
-        table[name] = Archive(name, table[name].url, int(entry["size"]), str(entry["checksum"]))
+        known = name in table or WEIGHTS_FILE.match(str(name))
+        if not known or not isinstance(entry, dict) or set(entry) != {"size", "checksum"}:
+            raise DatasetError(f"{checksums}: entry {name!r} must be one of {sorted(table)} or a torchvision "
+                               "weights file (resnet18-f37072fd.pth), with exactly 'size' and 'checksum'")
+        url = table[name].url if name in table else ""  # a weights file's address comes from torchvision
+        table[name] = Archive(name, url, int(entry["size"]), str(entry["checksum"]))
     return table
 
 

@@ -1,15 +1,16 @@
 """The one tokenizer and the Vocabulary.
 
 `tokenize` is used everywhere captions become tokens: building the vocab, encoding training
-targets, and the grounded score. It needs no downloaded data (nltk's punkt cannot be fetched
-offline and is a classic first-run failure). Punctuation is dropped, as the PTB tokenizer that
-scores captions drops it too.
+targets, pretraining concepts, the per-epoch scores and the grounded score. It is the seed's:
+nltk's Treebank word tokenizer on the lowercased caption, which is what `word_tokenize` runs
+after splitting sentences with punkt. Punkt needs a download (a classic first-run failure
+offline) and captions are one sentence, so the split is left out.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,12 +20,43 @@ from captioning.io import write_text_atomic
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)  # PAD is index 0: padding and embeddings rely on it
 
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+@functools.cache
+def _treebank():
+    # Imported on first use: importing nltk takes over a second, and most stages never tokenize.
+    from nltk.tokenize.destructive import NLTKWordTokenizer
+
+    return NLTKWordTokenizer()
 
 
 def tokenize(caption: str) -> list[str]:
-    """Lowercase words and numbers of `caption`; punctuation is dropped."""
-    return _WORD.findall(caption.lower())
+    """The caption's lowercased Treebank tokens ("a dog's t-shirt" -> a, dog, 's, t-shirt).
+
+    As the PTB tokenizer that scores captions: punctuation tokens are dropped, hyphenated words
+    stay one token ("t-shirt", "black-and-white", "2-year-old"), and "'s" and "n't" are split off.
+    Words keep any Unicode letters ("café"). A period ending a word inside the caption ("a dog. a
+    cat") is a sentence end, which punkt would have split off: dropped; "u.s." keeps its periods.
+    """
+    return list(_tokens(caption))
+
+
+@functools.lru_cache(maxsize=1 << 16)  # captions recur: vocab counts then encodes, val scores every epoch
+def _tokens(caption: str) -> tuple[str, ...]:
+    words = []
+    for token in _treebank().tokenize(caption.lower()):
+        token = token.strip("-")  # a dash at a word's edge, "--" between words
+        if token.endswith(".") and token.count(".") == 1:
+            token = token[:-1]
+        if has_words(token):
+            words.append(token)
+    return tuple(words)
+
+
+def has_words(caption: str) -> bool:
+    """Whether `tokenize(caption)` has a token, without tokenizing: it has one exactly when the
+    caption holds a letter or a digit (the tokenizer keeps every such character)."""
+    return any(ch.isalnum() for ch in caption)
 
 
 class Vocabulary:
