@@ -20,19 +20,27 @@ class UserError(Exception):
 
 def run_stage(stage: str, main: Callable[..., object], *args) -> None:
     """`main(*args)`, with user errors (and a full disk) reported in one line."""
+    status = 1
     try:
         main(*args)
+        return
     except UserError as err:
-        _stop(stage, str(err))
+        message = str(err)
+    except FileNotFoundError as err:  # an input no earlier stage has made yet (or the user removed)
+        message = (f"{err.filename}: missing; run the stages before {stage} first (dvc repro {stage} runs "
+                   "whatever it needs)")
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
         where = f" writing {err.filename}" if err.filename else ""
-        _stop(stage, f"no space left on the device{where}: free some space (or point the output elsewhere) "
-                     "and run the stage again; nothing half-written was kept")
+        message = (f"no space left on the device{where}: free some space (or point the output elsewhere) "
+                   "and run the stage again; nothing half-written was kept")
     except KeyboardInterrupt:
-        _stop(stage, "interrupted; run it again to continue (downloads and training resume where they stopped)",
-              status=130)
+        message = "interrupted; run it again to continue (downloads and training resume where they stopped)"
+        status = 130
+    # Printed here, after the except block has let go of the traceback: objects it kept alive
+    # (a progress bar closing itself) print first, and this line comes last, on a line of its own.
+    _stop(stage, message, status)
 
 
 def _stop(stage: str, message: str, status: int = 1) -> None:

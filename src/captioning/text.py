@@ -15,9 +15,16 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from captioning.errors import UserError
 from captioning.io import write_text_atomic
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+
+
+class VocabularyError(UserError, ValueError):
+    """A vocabulary file that is missing or not one."""
+
+
 SPECIALS = (PAD, START, END, UNK)  # PAD is index 0: padding and embeddings rely on it
 
 
@@ -128,4 +135,9 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
-        return cls.from_json(Path(path).read_text())
+        try:
+            return cls.from_json(Path(path).read_text())
+        except FileNotFoundError:
+            raise VocabularyError(f"{path}: missing; run the vocab stage (dvc repro vocab)") from None
+        except (ValueError, KeyError) as err:
+            raise VocabularyError(f"{path}: not a vocabulary file ({err}); run the vocab stage again") from None
