@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
 import shutil
 import socket
 import stat
@@ -50,8 +51,9 @@ class Archive:
 
     def hasher(self):
         algorithm = self.checksum.split(":", 1)[0]
-        if algorithm not in ("md5", "sha256"):
-            raise DownloadError(f"{self.name}: unsupported checksum {self.checksum!r} (md5:... or sha256:...)")
+        if algorithm not in ("md5", "sha256") or not re.fullmatch(r"[0-9a-fA-F]{8,}", self.digest):
+            raise DownloadError(f"{self.name}: unsupported checksum {self.checksum!r} (md5:<hex> or sha256:<hex>, "
+                                "at least 8 hex digits)")
         return hashlib.new(algorithm)
 
     @property
