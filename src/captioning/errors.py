@@ -27,7 +27,7 @@ def run_stage(stage: str, main: Callable[..., object], *args) -> None:
     except UserError as err:
         message = str(err)
     except FileNotFoundError as err:  # an input no earlier stage has made yet (or the user removed)
-        message = (f"{err.filename}: missing; run the stages before {stage} first (dvc repro {stage} runs "
+        message = (f"{err.filename or err}: missing; run the stages before {stage} first (dvc repro {stage} runs "
                    "whatever it needs)")
     except OSError as err:
         if err.errno != errno.ENOSPC:
