@@ -118,12 +118,12 @@ def test_plots_show_the_curves(project, tmp_path):
     _run(["dvc", "plots", "show", "-o", str(out)], clone, env)
     page = (out / "index.html").read_text()
     for title in ("Training loss per step", "Validation per epoch (greedy captions)",
-                  "Grounded share per epoch (synthetic data only)"):
+                  "Scene scores per epoch (synthetic data only)"):
         assert title in page, title
     shown = json.loads(_run(["dvc", "plots", "show", "--json"], clone, env))
     assert not shown.get("errors"), shown["errors"]
     epochs = TINY["train"]["epochs"]
-    for name in ("Validation per epoch (greedy captions)", "Grounded share per epoch (synthetic data only)"):
+    for name in ("Validation per epoch (greedy captions)", "Scene scores per epoch (synthetic data only)"):
         [plot] = shown["data"][name]
         values = plot["content"]["data"]["values"]
         assert len({row["epoch"] for row in values}) == epochs, name

@@ -33,6 +33,6 @@ def test_the_gpu_script_runs_every_step_on_a_cpu_and_its_captions_score_here(tmp
                              str(tmp_path / "work" / "repo" / "data" / "resized"), "--metrics", str(tmp_path / "none")],
                             capture_output=True, text=True, env=venv_env(), timeout=300)
     assert scored.returncode == 0, scored.stderr[-3000:]
-    for metric in ("bleu_4", "meteor", "cider", "grounded"):
+    for metric in ("bleu_4", "meteor", "cider", "grounded", "strict"):
         assert f"| {metric} |" in scored.stdout
     assert os.path.isdir(tmp_path / "work" / "seed")

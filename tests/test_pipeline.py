@@ -104,7 +104,7 @@ def test_one_mlflow_run_per_experiment_and_the_record_never_changes(tmp_path):
     assert baseline.data.metrics["test_cider"] == pytest.approx(metrics["cider"])
     before = _histories(client, baseline)
     assert len(before["train_loss"]) >= 2 and len(before["val_loss"]) == 2
-    assert "val_grounded" in before and all(v == v for h in before.values() for _, v in h)  # no NaN
+    assert {"val_grounded", "val_strict"} <= set(before) and all(v == v for h in before.values() for _, v in h)  # no NaN
     assert "up to date" in _run(["dvc", "status"], clone, env)
     assert "Running stage" not in _run(["dvc", "repro"], clone, env)
     # The checkpoint stores what train depends on, nothing more (no evaluate.* to decode with).
@@ -150,7 +150,7 @@ def test_one_mlflow_run_per_experiment_and_the_record_never_changes(tmp_path):
         assert run.data.tags["dvc.baseline_rev"] == head
         history = _histories(client, run)
         assert all(len(history[k]) == 1 for k in history if k.startswith("test_"))
-        assert {"test_bleu_4", "test_cider", "test_grounded", "train_loss", "val_loss"} <= set(history)
+        assert {"test_bleu_4", "test_cider", "test_grounded", "test_strict", "train_loss", "val_loss"} <= set(history)
     assert "train.lr" in slow.data.tags["params.changed"] and "0.0005" in slow.data.tags["params.changed"]
     # The evaluate-only run links to the run that trained its checkpoint and holds its curves.
     assert beam1.data.tags["captioning.train_run_id"] == baseline.info.run_id

@@ -2,6 +2,7 @@ import dataclasses
 import hashlib
 import json
 
+import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -88,10 +89,11 @@ def test_scene_json_is_kept(tiny_data):
 
 
 def test_grounded_score_counts_exact_object_sets():
-    records = [{"id": 1, "scene": {"objects": [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "square"}]}},
-               {"id": 2, "scene": {"objects": [{"colour": "green", "shape": "triangle"}]}}]
-    assert synthetic.scene_scores(records, {1: "a blue box right of a red disk", 2: "a green triangle"}) == {"grounded": 1.0}
-    assert synthetic.scene_scores(records, {1: "a red circle", 2: "a green triangle"}) == {"grounded": 0.5}
+    records = [{"id": 1, "scene": {"objects": [{"colour": "red", "shape": "circle", "x": 0.2, "y": 0.5},
+                                               {"colour": "blue", "shape": "square", "x": 0.7, "y": 0.4}]}},
+               {"id": 2, "scene": {"objects": [{"colour": "green", "shape": "triangle", "x": 0.5, "y": 0.5}]}}]
+    assert synthetic.scene_scores(records, {1: "a blue box right of a red disk", 2: "a green triangle"})["grounded"] == 1.0
+    assert synthetic.scene_scores(records, {1: "a red circle", 2: "a green triangle"})["grounded"] == 0.5
     assert synthetic.verdict("a red circle", records[0]["scene"]) == (False, "wrong objects")
 
 
@@ -117,3 +119,58 @@ def test_generic_modules_do_not_import_the_synthetic_dataset():
         imported |= {f"{n.module}.{a.name}" for n in ast.walk(ast.parse(path.read_text()))
                      if isinstance(n, ast.ImportFrom) and n.module for a in n.names}
         assert "captioning.synthetic" not in imported, path.name
+
+
+# A scene of two red circles side by side and a blue square below them, drawn by the grammar's rules.
+TWO_RED_AND_A_BLUE = {"objects": [
+    {"colour": "red", "shape": "circle", "x": 0.2, "y": 0.3}, {"colour": "red", "shape": "circle", "x": 0.5, "y": 0.3},
+    {"colour": "blue", "shape": "square", "x": 0.5, "y": 0.8}]}
+RED_LEFT_OF_GREEN = {"objects": [
+    {"colour": "red", "shape": "circle", "x": 0.2, "y": 0.5}, {"colour": "green", "shape": "triangle", "x": 0.8, "y": 0.55}]}
+
+
+@pytest.mark.parametrize("caption, strict, grounded", [
+    # counts: "a red circle" does not pass for two
+    ("two red circles and a blue square", True, True),
+    ("a red circle and a blue square", False, True),
+    ("three red circles and a blue box", False, True),
+    # shapes named without a colour must be there, as often as said
+    ("two red circles and a blue square and a circle", True, True),
+    ("two red circles and a blue square and a triangle", False, True),
+    ("two red circles and a blue square and two squares", False, True),
+])
+def test_strict_counts_objects_and_every_shape_named(caption, strict, grounded):
+    assert synthetic.names_scene_strictly(caption, TWO_RED_AND_A_BLUE) is strict
+    assert synthetic.names_scene(caption, TWO_RED_AND_A_BLUE) is grounded
+
+
+@pytest.mark.parametrize("caption, strict", [
+    ("a red circle to the left of a green triangle", True),
+    ("a red disk left of a green triangle", True),
+    ("a green triangle to the right of a red ball", True),
+    ("a red circle to the right of a green triangle", False),  # the grounded score passes it
+    ("a red circle above a green triangle", False),  # |dx| > |dy|: the grammar says left, never above
+    ("a green triangle under a red circle", False),
+    ("a red circle next to a green triangle", True),  # says nothing about the side
+    ("a red circle on the left of the image and a green triangle", True),
+    ("a red circle on the right of the image and a green triangle", False),
+    ("a green triangle on the right of the image and a red circle on a gray background", True),
+])
+def test_strict_checks_relations_and_positions_by_the_generators_rule(caption, strict):
+    assert synthetic.names_scene_strictly(caption, RED_LEFT_OF_GREEN) is strict
+    assert synthetic.names_scene(caption, RED_LEFT_OF_GREEN)  # the lenient score passes them all
+
+
+def test_every_reference_caption_passes_the_strict_score(tiny_data):
+    for split in SPLITS:
+        data = read_split(tiny_data, split)
+        for record in data.images:
+            for caption in data.captions[record["id"]]:
+                assert synthetic.names_scene_strictly(caption, record["scene"]), caption
+
+
+def test_scene_scores_report_strict_beside_grounded():
+    records = [{"id": 1, "scene": TWO_RED_AND_A_BLUE}, {"id": 2, "scene": RED_LEFT_OF_GREEN}]
+    scores = synthetic.scene_scores(records, {1: "a red circle and a blue square",
+                                              2: "a red circle left of a green triangle"})
+    assert scores == {"grounded": 1.0, "strict": 0.5}

@@ -27,7 +27,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 WEIGHTS_VERSIONS = ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # Validation metrics the best epoch may be selected by; all but val_loss are better when higher.
-SELECT_METRICS = ("cider", "bleu_4", "grounded", "val_loss")
+SELECT_METRICS = ("cider", "bleu_4", "grounded", "strict", "val_loss")
 LR_SCHEDULES = ("onecycle", "constant")
 CPU_ISAS = ("avx2", "native")
 # What the pipeline does with an image it cannot use: stop naming it, or skip it and report it.

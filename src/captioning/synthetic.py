@@ -179,12 +179,23 @@ def _noun_phrase(rng, colour, shape, count=1, size=None) -> str:
     return " ".join([det, *words])
 
 
-def _relation(a: dict, b: dict, rng) -> str:
-    """How `a` lies relative to `b`, in words."""
+# The words for each relation the grammar states; `relation` is the one rule that picks it, for the
+# captions written here and for the strict score that checks them.
+RELATION_WORDS = {"left": ["to the left of", "left of"], "right": ["to the right of", "right of"],
+                  "above": ["above", "over"], "below": ["below", "under"]}
+
+
+def relation(a: dict, b: dict) -> str:
+    """How `a` lies relative to `b`: left/right when the horizontal offset is the larger, else above/below."""
     dx, dy = a["x"] - b["x"], a["y"] - b["y"]
     if abs(dx) >= abs(dy):
-        return str(rng.choice(["to the left of", "left of"] if dx < 0 else ["to the right of", "right of"]))
-    return str(rng.choice(["above", "over"] if dy < 0 else ["below", "under"]))
+        return "left" if dx < 0 else "right"
+    return "above" if dy < 0 else "below"
+
+
+def _relation(a: dict, b: dict, rng) -> str:
+    """How `a` lies relative to `b`, in words."""
+    return str(rng.choice(RELATION_WORDS[relation(a, b)]))
 
 
 def _where(obj: dict) -> str:
@@ -278,8 +289,92 @@ def verdict(caption: str, scene: dict) -> tuple[bool, str]:
     return right, "names every object" if right else "wrong objects"
 
 
+# ---- the strict score ---------------------------------------------------------------------------
+
+_COUNTS = {"a": 1, "an": 1, "one": 1, **{w: n for n, w in NUMBER_WORDS.items()}}
+_SIZES = {w for words in SIZE_WORDS.values() for w in words}
+_RELATIONS = sorted(((tuple(words.split()), kind) for kind, forms in RELATION_WORDS.items() for words in forms),
+                    key=lambda item: -len(item[0]))  # "to the left of" before "left of"
+
+
+@dataclass(frozen=True)
+class Mention:
+    """A noun phrase of a caption: how many, which colour (None: not said), which shape."""
+
+    count: int
+    colour: str | None
+    shape: str
+
+    def fits(self, obj: dict) -> bool:
+        return obj["shape"] == self.shape and self.colour in (None, obj["colour"])
+
+
+def parse_caption(caption: str) -> tuple[list[Mention], list[tuple[int, str, int]], list[tuple[int, str]]]:
+    """(mentions, relations (mention, kind, mention), positions (mention, _where phrase)) of a caption
+    in this dataset's grammar: "two red circles", "a small blue box to the left of a green
+    triangle", "a red disk in the top left of the image"."""
+    tokens = tokenize(caption)
+    mentions, relations, positions = [], [], []
+    pending = None  # a relation waiting for the mention after it
+    i = 0
+    while i < len(tokens):
+        where = _position_phrase(tokens, i)
+        if where is not None:
+            phrase, i = where
+            if mentions:
+                positions.append((len(mentions) - 1, phrase))
+            continue
+        kind = next((k for words, k in _RELATIONS if tuple(tokens[i:i + len(words)]) == words), None)
+        if kind is not None and mentions:
+            pending = (len(mentions) - 1, kind)
+            i += len(next(words for words, k in _RELATIONS if tuple(tokens[i:i + len(words)]) == words))
+            continue
+        if tokens[i] in _WORD_TO_SHAPE:
+            j = i - 1
+            colour = tokens[j] if j >= 0 and tokens[j] in COLOURS else None
+            j -= colour is not None
+            while j >= 0 and tokens[j] in _SIZES:
+                j -= 1
+            count = _COUNTS.get(tokens[j], 1) if j >= 0 else 1
+            mentions.append(Mention(count, colour, _WORD_TO_SHAPE[tokens[i]]))
+            if pending is not None:
+                relations.append((pending[0], pending[1], len(mentions) - 1))
+                pending = None
+        i += 1
+    return mentions, relations, positions
+
+
+def _position_phrase(tokens: list[str], i: int) -> tuple[str, int] | None:
+    """("in the top left of the image", index after it) when one starts at tokens[i]."""
+    for end in range(i + 4, min(i + 8, len(tokens)) + 1):
+        if tokens[end - 3:end] == ["of", "the", "image"] and tokens[i] in ("in", "at", "on") and tokens[i + 1] == "the":
+            return " ".join(tokens[i:end]), end
+    return None
+
+
+def names_scene_strictly(caption: str, scene: dict) -> bool:
+    """The strict verdict: the caption names exactly the scene's objects with their counts; every
+    shape it names, with a colour or not, is there as often as it says; and every relation and
+    position it states holds by the rules the captions are written by (`relation`, `_where`)."""
+    objects = scene["objects"]
+    mentions, relations, positions = parse_caption(caption)
+    coloured = Counter()
+    for m in mentions:
+        if m.colour is not None:
+            coloured[(m.colour, m.shape)] += m.count
+        elif sum(m.fits(o) for o in objects) < m.count:
+            return False  # "and two squares" where there are fewer
+    if coloured != Counter((o["colour"], o["shape"]) for o in objects):
+        return False
+    for a, kind, b in relations:
+        if not any(relation(oa, ob) == kind for oa in objects if mentions[a].fits(oa)
+                   for ob in objects if ob is not oa and mentions[b].fits(ob)):
+            return False
+    return all(any(_where(o) == phrase for o in objects if mentions[m].fits(o)) for m, phrase in positions)
+
+
 # The scores only a stored scene allows; `train.select_metric` may name one.
-SCENE_METRICS = ("grounded",)
+SCENE_METRICS = ("grounded", "strict")
 
 
 def has_scenes(records: list[dict]) -> bool:
@@ -288,13 +383,14 @@ def has_scenes(records: list[dict]) -> bool:
 
 
 def scene_scores(records: list[dict], hypotheses: dict[int, str]) -> dict[str, float]:
-    """`grounded`: the share of captioned records (id -> caption in `hypotheses`) whose caption
-    names exactly its scene's objects."""
+    """Shares of captioned records (id -> caption in `hypotheses`) whose caption `grounded`: names
+    exactly its scene's (colour, shape) objects; `strict`: passes `names_scene_strictly` too."""
     scenes = {r["id"]: r["scene"] for r in records}
     if not hypotheses:
         raise ValueError("no captions to score")
-    hits = sum(names_scene(caption, scenes[i]) for i, caption in hypotheses.items())
-    return {"grounded": hits / len(hypotheses)}
+    grounded = sum(names_scene(caption, scenes[i]) for i, caption in hypotheses.items())
+    strict = sum(names_scene_strictly(caption, scenes[i]) for i, caption in hypotheses.items())
+    return {"grounded": grounded / len(hypotheses), "strict": strict / len(hypotheses)}
 
 
 # ---- one sample -------------------------------------------------------------------------------
