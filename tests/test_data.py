@@ -88,3 +88,32 @@ def test_distributed_ranks_share_every_batch_of_the_single_process_run():
     assert sorted(sum((s[0] for s in shares), [])) == sorted(whole[0])
     assert sorted(sum((s[1] for s in shares), [])) == sorted(whole[1] + whole[2])
     assert len(EpochBatchSampler(10, 4, seed=1, epoch=0, rank=1, world=2, start=1)) == 1
+
+
+def test_captions_per_image_draws_that_many_distinct_captions_anew_each_epoch(tiny_data):
+    split = read_split(tiny_data, "train")
+    vocab = Vocabulary.build([c for cs in split.captions.values() for c in cs], 1)
+    dataset = CaptionDataset(split, vocab, Transform(32), captions_per_image=2)
+    every = {tuple(c.tolist()) for c in dataset.captions[0]}
+    draws = [tuple(tuple(c.tolist()) for c in dataset[(0, seed)][1]) for seed in range(40)]
+    assert all(len(d) == 2 and len(set(d)) == 2 and set(d) <= every for d in draws)
+    assert draws[0] == tuple(tuple(c.tolist()) for c in dataset[(0, 0)][1])  # the seed decides
+    assert len({frozenset(d) for d in draws}) > 3  # other seeds (epochs), other pairs
+    everything = CaptionDataset(split, vocab, Transform(32), captions_per_image=0)
+    assert {tuple(c.tolist()) for c in everything[(0, 7)][1]} == every
+
+
+def test_each_item_draws_one_of_the_cached_views_by_its_seed(tiny_data):
+    import numpy as np
+
+    from captioning.data import FeatureDataset
+
+    split = read_split(tiny_data, "train")
+    vocab = Vocabulary.build([c for cs in split.captions.values() for c in cs], 1)
+    views = np.stack([np.full((len(split.images), 4), v, np.float16) for v in range(3)], axis=1)  # view v holds v
+    dataset = FeatureDataset(split, vocab, views)
+    drawn = [int(dataset[(5, seed)][0][0]) for seed in range(60)]
+    assert set(drawn) == {0, 1, 2}  # every view is drawn, by the item seed
+    assert drawn == [int(dataset[(5, seed)][0][0]) for seed in range(60)]
+    single = FeatureDataset(split, vocab, views[:, :1])
+    assert {int(single[(5, seed)][0][0]) for seed in range(20)} == {0}

@@ -64,6 +64,23 @@ def test_fit_learns_and_reports_each_epoch(tiny_data):
     assert result.history == [{k: v for k, v in r.items() if k != "best_epoch"} for r in logs.epochs]
 
 
+def test_the_epoch_kept_has_the_lowest_val_loss_and_its_weights(tiny_data):
+    from captioning.training import validate
+
+    train, val, vocab, model = _setup(tiny_data)
+    # A rate high enough that val_loss turns up again before the end (here: best at epoch 5 of 6),
+    # so that keeping the last epoch could not pass for keeping the best
+    params = dataclasses.replace(TRAIN, epochs=6, lr=0.1, select_metric="val_loss")
+    logs = Recorder()
+    result = _fit(model, vocab, train, val, params, logs)
+    losses = [r["val_loss"] for r in logs.epochs]
+    assert result.best_epoch == 1 + losses.index(min(losses))  # lower is better for val_loss
+    assert result.best_epoch < len(losses)
+    model.load_state_dict(result.best_state)  # the weights kept are that epoch's, not the last
+    data = training_data(vocab, train, val, MODEL.image_size, params)
+    assert validate(model, data, torch.device("cpu"))["val_loss"] == pytest.approx(min(losses), rel=1e-6)
+
+
 def test_resume_after_a_kill_ends_with_identical_weights(tiny_data, tmp_path):
     train, val, vocab, model = _setup(tiny_data)
     straight = _fit(model, vocab, train, val, TRAIN, Recorder())
