@@ -58,18 +58,13 @@ def scratch_copy(target: Path) -> None:
         (target / name).unlink(missing_ok=True)
 
 
-def merge(params: dict, override: dict) -> dict:
-    for key, value in override.items():
-        params[key] = merge(params.get(key, {}), value) if isinstance(value, dict) else value
-    return params
-
-
 def run_pipeline(work: Path, device: str, quick: bool) -> tuple[dict, dict]:
     """(stage -> seconds, the test captions) of the default pipeline on `device`."""
     scratch_copy(work)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    merge(params, QUICK if quick else {})
-    merge(params, {"compute": {"device": device}})
+    from captioning.params import flatten, nest
+
+    flat = flatten(yaml.safe_load((work / "params.yaml").read_text()))
+    params = nest({**flat, **flatten(QUICK if quick else {}), "compute.device": device})
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (work / ".dvc" / "config.local").write_text("[core]\n    no_scm = true\n")  # the box's copy has no .git
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
