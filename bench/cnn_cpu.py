@@ -15,7 +15,7 @@ import time
 import torch
 import torchvision
 
-from captioning.model import trunk
+from captioning.backbone import trunk
 
 SIDES_AND_BATCHES = ((32, 1), (32, 64), (224, 1), (224, 8), (224, 16), (224, 64))
 

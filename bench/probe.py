@@ -20,7 +20,7 @@ import torch
 
 from captioning import features
 from captioning.datasets import read_split
-from captioning.model import backbone_from_state, trunk
+from captioning.backbone import backbone_from_state, trunk
 from captioning.params import load_params
 from captioning.synthetic import COLOURS, SHAPES, scene_objects
 

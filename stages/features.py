@@ -15,7 +15,7 @@ from captioning import accel, features
 from captioning.datasets import SPLITS, read_split
 from captioning.errors import run_stage
 from captioning.io import atomic_path
-from captioning.model import backbone_from_state, trunk
+from captioning.backbone import backbone_from_state, trunk
 from captioning.params import load_params
 
 PARAMS = ("seed", "features", "model.backbone", "model.image_size", "model.train_backbone", "train.hflip",

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from captioning.errors import run_stage
-from captioning.model import resnet
+from captioning.backbone import resnet
 from captioning.text import Vocabulary
 from conftest import REPO, venv_env
 from test_sources import Loopback, coco_archives

@@ -14,7 +14,8 @@ import torchvision
 from captioning import features
 from captioning.datasets import read_split
 from captioning.images import Transform, load_rgb
-from captioning.model import Captioner, trunk
+from captioning.backbone import trunk
+from captioning.model import Captioner
 from captioning.params import ComputeParams, ModelParams, TrainParams
 from captioning.text import Vocabulary
 from captioning.training import fit, training_data

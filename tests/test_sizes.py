@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 from captioning import features
 from captioning.accel import World
 from captioning.datasets import Split, read_split
-from captioning.model import Captioner, resnet
+from captioning.backbone import resnet
+from captioning.model import Captioner
 from captioning.params import ComputeParams, DataParams, ModelParams, TrainParams
 from captioning.predict import Decoding, caption_images
 from captioning.pretrain import build_concepts, pretrain_backbone

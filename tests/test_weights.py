@@ -12,7 +12,7 @@ import torch
 
 from captioning import imagenet
 from captioning.download import Archive, DownloadError, fetch
-from captioning.model import WeightsError, hub_checkpoints, load_weights, recorded_weights, resnet
+from captioning.backbone import WeightsError, hub_checkpoints, load_weights, recorded_weights, resnet
 from captioning.params import ParamsError
 from test_sources import Loopback
 

@@ -12,6 +12,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -71,21 +72,30 @@ class CaptionDataset(ImageDataset):
 
 
 class FeatureDataset(CaptionDataset):
-    """Item (index, item_seed) -> (pooled feature (F,), [caption ids, ...]) from cached features.
+    """Item (index, item_seed) -> (cached feature, [caption ids, ...]) from cached features.
 
-    `features` is the split's (N, views, F) array (see `captioning.features`), rows in the order
-    of `split.images`; each item draws one view by its seed, as a new crop would be drawn.
+    `features` is the split's (N, views, ...) array (see `captioning.features`): pooled vectors
+    (N, views, F) or spatial grids (N, views, P, F), rows in the order of `split.images`; each item
+    draws one view by its seed, as a new crop would be drawn. Arrays up to `IN_MEMORY_BYTES` are
+    read into memory once (COCO's 113k pooled x 2048 in float16: under 0.5 GB); larger ones (COCO's
+    grids: 113k x 49 x 2048, 23 GB) stay memory-mapped and each item reads its own row.
     """
+
+    IN_MEMORY_BYTES = 4 << 30
 
     def __init__(self, split: Split, vocab: Vocabulary, features, captions_per_image: int = 0):
         super().__init__(split, vocab, transform=None, captions_per_image=captions_per_image)
         row = {r["id"]: n for n, r in enumerate(split.images)}
-        # Read into memory once: float16 keeps COCO's 113k x 2048 at under 0.5 GB.
-        self.features = torch.from_numpy(features[[row[r["id"]] for r in self.records]])
+        self.rows = [row[r["id"]] for r in self.records]
+        if features.nbytes <= self.IN_MEMORY_BYTES:
+            self.features, self.rows = features[self.rows], list(range(len(self.rows)))
+        else:
+            self.features = features
 
     def input(self, index: int, rng: random.Random) -> torch.Tensor:
-        views = self.features.size(1)
-        return self.features[index, rng.randrange(views) if views > 1 else 0].float()
+        views = self.features.shape[1]
+        view = rng.randrange(views) if views > 1 else 0
+        return torch.from_numpy(np.asarray(self.features[self.rows[index], view], dtype=np.float32))
 
 
 class EpochBatchSampler(Sampler):

@@ -12,7 +12,7 @@ the file comes from, in this order:
 
 The weights stage records the file (`models/imagenet.json`: its name and full sha256, never a
 machine's path); pretrain finds the same file again and checks it against that record
-(`model.recorded_weights`), without this module's network code.
+(`backbone.recorded_weights`), without this module's network code.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from captioning.download import Archive, DownloadError, fetch
 from captioning.io import write_json_atomic
-from captioning.model import WeightsError, file_sha256, hub_checkpoints
+from captioning.backbone import WeightsError, file_sha256, hub_checkpoints
 from captioning.params import ParamsError
 
 
