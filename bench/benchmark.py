@@ -346,9 +346,9 @@ def run_seed_style(paths: Paths, setup: Setup) -> dict:
         targets = pack_padded_sequence(captions, lengths, batch_first=True).data
         with accel.autocast(device, setup.bf16):
             with torch.no_grad():
-                pooled = model.encoder.pooled(images)  # once per caption: the seed's cost
+                pooled = model.encoder.cnn(images)  # once per caption: the seed's cost
             features = model.encoder.head(pooled)
-            loss = criterion(model.decoder(features, captions, torch.tensor(lengths)), targets)
+            loss = criterion(model.decoder(features, captions, torch.tensor(lengths))[0], targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -69,7 +69,7 @@ def main() -> None:
 
     def extract():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            model.encoder.pooled(batch)
+            model.encoder.cnn(batch)
 
     rows.append(f"feature extraction, preloaded tensors (GPU-bound): {256 / timed(extract, 10):,.0f} images/s")
 
@@ -80,7 +80,7 @@ def main() -> None:
     start, seen = time.perf_counter(), 0
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         for images in loader:
-            model.encoder.pooled(images.to(device, non_blocking=True).to(memory_format=torch.channels_last))
+            model.encoder.cnn(images.to(device, non_blocking=True).to(memory_format=torch.channels_last))
             seen += len(images)
     torch.cuda.synchronize()
     rows.append(f"feature extraction through the DataLoader (JPEG decode, {os.cpu_count() - 1} workers): "
@@ -97,7 +97,7 @@ def main() -> None:
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(images, captions, lengths, index)
+            logits, _ = model(images, captions, lengths, index)
             loss = torch.nn.functional.cross_entropy(logits.float(), pack_padded_sequence(captions, lengths, batch_first=True).data)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

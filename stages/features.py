@@ -1,4 +1,5 @@
-"""features stage: the frozen backbone's pooled output for every image, once (see captioning.features).
+"""features stage: the frozen backbone's output for every image, once (see captioning.features):
+pooled vectors for the LSTM decoder, spatial grids for attention.
 
 With `model.train_backbone: true` the features would be stale after the first step, so the stage
 writes only a note and train reads the images.
@@ -18,8 +19,8 @@ from captioning.io import atomic_path
 from captioning.backbone import backbone_from_state, trunk
 from captioning.params import load_params
 
-PARAMS = ("seed", "features", "model.backbone", "model.image_size", "model.train_backbone", "train.hflip",
-          "compute")
+PARAMS = ("seed", "features", "model.backbone", "model.image_size", "model.decoder", "model.train_backbone",
+          "train.hflip", "compute")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -33,22 +34,24 @@ def main(args: argparse.Namespace) -> None:
             print(f"features: not needed (model.train_backbone is true) -> {args.out}")
             return
         state = torch.load(args.backbone, map_location="cpu", weights_only=True)
-        cnn = trunk(backbone_from_state(params.model, state))
+        grid = params.model.decoder == "attention"
+        cnn = trunk(backbone_from_state(params.model, state), grid)  # as the captioner's encoder has it
         settings = params.features
         total = 0
         for split in SPLITS:
             data = read_split(args.data, split)
             views = settings.views if split == "train" else 1  # evaluation sees the centre crop
-            array = features.extract(
+            chunks = features.batches(
                 cnn, [data.image_path(r) for r in data.images], image_size=params.model.image_size,
                 device=device, views=views, hflip=params.train.hflip, seed=params.seed,
                 batch_size=settings.batch_size, num_workers=params.compute.num_workers, bf16=params.compute.bf16,
-                desc=f"features {split}")
-            features.write(tmp, split, [r["id"] for r in data.images], array,
-                           {"backbone": params.model.backbone, "image_size": params.model.image_size})
+                grid=grid, desc=f"features {split}")
+            meta = {"backbone": params.model.backbone, "image_size": params.model.image_size}
+            features.write(tmp, split, [r["id"] for r in data.images], chunks, {**meta, "grid": True} if grid else meta)
             total += len(data.images) * views
     seconds = time.perf_counter() - started
     print(f"features: {total} crops through {params.model.backbone} at {params.model.image_size}px "
+          f"({'grids' if grid else 'pooled'}) "
           f"in {seconds:.1f}s ({total / seconds:.0f} img/s) -> {args.out}")
 
 

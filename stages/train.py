@@ -111,7 +111,8 @@ def main(args: argparse.Namespace) -> None:
     cached = None
     if not params.model.train_backbone:  # the backbone is frozen: its output is cached
         size = model.encoder.feature_size
-        cached = tuple(features.read(args.features, name, [r["id"] for r in split.images], size)
+        cached = tuple(features.read(args.features, name, [r["id"] for r in split.images], size,
+                                     grid=params.model.decoder == "attention")
                        for name, split in (("train", train_split), ("val", val_split)))
     data = training_data(vocab, train_split, val_split, params.model.image_size, params.train, cached,
                          synthetic.scene_scores if scenes else None)

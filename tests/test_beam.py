@@ -1,27 +1,40 @@
-"""Beam search: beam 1 is greedy, batching changes nothing, scores are the model's, and it finds
-what greedy misses."""
+"""Beam search, for both decoders: beam 1 is greedy, batching changes nothing, scores are the
+model's, and it finds what greedy misses."""
 
 import math
 
 import pytest
 import torch
 
-from captioning.model import Captioner, Decoder
+from captioning.model import AttentionDecoder, Captioner, Decoder, Decoding
 from captioning.params import ModelParams
 
 END = 2
 SMALL = ModelParams(backbone="resnet18", image_size=32, embed_size=16, hidden_size=24, max_seq_len=9)
+DECODERS = ("lstm", "attention")
+CELLS, FEATURE = 4, 10  # the attention decoder's grid: 4 cells of 10 values
 
 
-def random_decoder(seed: int, vocab_size: int = 13) -> Decoder:
+def random_decoder(seed: int, kind: str = "lstm", vocab_size: int = 13) -> Decoding:
     """Random weights, sharpened and with <end> favoured so that captions end at all sorts of
     lengths (PyTorch's initial output layer gives near-uniform, state-blind word choices)."""
     torch.manual_seed(seed)
-    decoder = Decoder(SMALL.embed_size, SMALL.hidden_size, vocab_size, 1, SMALL.max_seq_len).eval()
+    if kind == "lstm":
+        decoder = Decoder(SMALL.embed_size, SMALL.hidden_size, vocab_size, 1, SMALL.max_seq_len)
+    else:
+        decoder = AttentionDecoder(FEATURE, SMALL.embed_size, SMALL.hidden_size, 8, vocab_size, SMALL.max_seq_len)
+    decoder.eval()
     with torch.no_grad():
         decoder.linear.weight *= 6
         decoder.linear.bias[END] += 0.5
+        if kind == "attention":
+            decoder.score.weight *= 4  # peaked attention, so the cells' order matters
     return decoder
+
+
+def random_features(kind: str, n: int) -> torch.Tensor:
+    """What each decoder decodes from: (n, E) image vectors, or (n, P, F) grids."""
+    return torch.randn(n, SMALL.embed_size) * 2 if kind == "lstm" else torch.randn(n, CELLS, FEATURE) * 2
 
 
 def until_end(ids: list[int]) -> list[int]:
@@ -33,16 +46,17 @@ def until_end(ids: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def log_prob(decoder: Decoder, features: torch.Tensor, ids: list[int]) -> float:
-    """Teacher-forced summed log-prob of `ids` (from <start> on) given one image's features (E,)."""
-    logits = decoder(features.unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)]))  # (len, V)
+def log_prob(decoder: Decoding, features: torch.Tensor, ids: list[int]) -> float:
+    """Teacher-forced summed log-prob of `ids` (from <start> on) given one image's features."""
+    logits, _ = decoder(features.unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)]))  # (len, V)
     return float(logits.log_softmax(1)[torch.arange(len(ids)), torch.tensor(ids)].sum())
 
 
+@pytest.mark.parametrize("kind", DECODERS)
 @pytest.mark.parametrize("length_penalty", [0.0, 0.7, 1.0])
-def test_beam_size_1_is_greedy(length_penalty):
-    decoder = random_decoder(3)
-    features = torch.randn(300, SMALL.embed_size) * 2  # (B, E)
+def test_beam_size_1_is_greedy(length_penalty, kind):
+    decoder = random_decoder(3, kind)
+    features = random_features(kind, 300)
     greedy = decoder.greedy(features, END).tolist()
     beam, _ = decoder.beam_search(features, END, 1, length_penalty)
     assert [until_end(r) for r in beam.tolist()] == [until_end(r) for r in greedy]
@@ -51,10 +65,11 @@ def test_beam_size_1_is_greedy(length_penalty):
     assert SMALL.max_seq_len in lengths
 
 
-def test_generate_with_beam_1_gives_greedy_ids_from_images():
+@pytest.mark.parametrize("kind", DECODERS)
+def test_generate_with_beam_1_gives_greedy_ids_from_images(kind):
     torch.manual_seed(1)
-    model = Captioner.build(SMALL, vocab_size=13).eval()
-    images = torch.randn(6, 3, 32, 32)
+    model = Captioner.build(ModelParams(**{**SMALL.__dict__, "decoder": kind, "image_size": 64}), vocab_size=13).eval()
+    images = torch.randn(6, 3, 64, 64)
     with torch.no_grad():
         greedy = model.decoder.greedy(model.encoder(images), END)
     assert torch.equal(model.generate(images, END, beam_size=1, length_penalty=0.0, bf16=False), greedy)
@@ -78,10 +93,11 @@ def test_bf16_autocast_is_switched_on_for_cuda_alone():
         assert isinstance(accel.autocast(device, enabled), contextlib.nullcontext)
 
 
+@pytest.mark.parametrize("kind", DECODERS)
 @pytest.mark.parametrize("beam_size, length_penalty", [(3, 0.0), (4, 1.0)])
-def test_batching_does_not_change_beam_search(beam_size, length_penalty):
-    decoder = random_decoder(3)
-    features = torch.randn(40, SMALL.embed_size) * 2
+def test_batching_does_not_change_beam_search(beam_size, length_penalty, kind):
+    decoder = random_decoder(3, kind)
+    features = random_features(kind, 40)
     ids, scores = decoder.beam_search(features, END, beam_size, length_penalty)
     for i in range(len(features)):
         alone_ids, alone_score = decoder.beam_search(features[i:i + 1], END, beam_size, length_penalty)
@@ -89,10 +105,11 @@ def test_batching_does_not_change_beam_search(beam_size, length_penalty):
         assert alone_score.item() == pytest.approx(scores[i].item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("kind", DECODERS)
 @pytest.mark.parametrize("length_penalty", [0.0, 0.6, 1.0])
-def test_scores_are_the_models_length_normalised_log_probs(length_penalty):
-    decoder = random_decoder(4)
-    features = torch.randn(30, SMALL.embed_size) * 2
+def test_scores_are_the_models_length_normalised_log_probs(length_penalty, kind):
+    decoder = random_decoder(4, kind)
+    features = random_features(kind, 30)
     ids, scores = decoder.beam_search(features, END, 3, length_penalty)
     for row, score, feature in zip(ids.tolist(), scores.tolist(), features):
         caption = until_end(row)
@@ -103,8 +120,8 @@ def test_scores_are_the_models_length_normalised_log_probs(length_penalty):
 class TableDecoder(Decoder):
     """A hand-built decoder whose next-token probabilities depend on the previous token alone.
 
-    Token 0 stands for the image (step 0's input); the embedding is one-hot, so `step` reads the
-    previous token back from its input.
+    Token 0 stands for the image: step 0 reads it back from the one-hot embedding of the image
+    `search` passes; later steps read the previous token itself.
     """
 
     def __init__(self, probs: dict[int, dict[int, float]], vocab_size: int = 6, max_seq_len: int = 6):
@@ -117,9 +134,9 @@ class TableDecoder(Decoder):
         with torch.no_grad():
             self.embedding.weight.copy_(torch.eye(vocab_size))
 
-    def step(self, inputs, states):
-        previous = inputs[:, 0].argmax(1)  # (N,)
-        return self.table[previous], (torch.zeros(1, len(previous), 1),)
+    def step(self, state, tokens):
+        previous = state[0][:, 0].argmax(1) if tokens is None else tokens  # (N,)
+        return self.table[previous], (None, (torch.zeros(1, len(previous), 1),))
 
     def search(self, beam_size: int, length_penalty: float = 0.0) -> tuple[list[int], float]:
         ids, scores = self.beam_search(torch.eye(self.embedding.num_embeddings)[:1], END, beam_size, length_penalty)

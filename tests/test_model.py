@@ -1,6 +1,9 @@
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
-from captioning.model import Captioner
+from captioning.model import AttentionDecoder, Captioner
 from captioning.params import ModelParams
 
 SMALL = ModelParams(backbone="resnet18", image_size=64, embed_size=16, hidden_size=24, max_seq_len=7)
@@ -13,8 +16,8 @@ def test_encoder_decoder_shapes():
     assert model.encoder(images).shape == (2, 16)
     captions = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0], [1, 8, 2, 0]])
     lengths = torch.tensor([4, 3, 3])
-    logits = model(images, captions, lengths, torch.tensor([0, 1, 1]))
-    assert logits.shape == (int(lengths.sum()), 11)
+    logits, penalty = model(images, captions, lengths, torch.tensor([0, 1, 1]))
+    assert logits.shape == (int(lengths.sum()), 11) and penalty is None
 
 
 def test_greedy_decoding_shape_and_early_stop():
@@ -37,9 +40,91 @@ def test_frozen_backbone_stays_in_eval_mode_and_gets_no_gradient():
     assert not bn.training and model.encoder.batch_norm.training
     before = bn.running_mean.clone()
     captions, lengths = torch.tensor([[1, 5, 2], [1, 6, 2]]), torch.tensor([3, 3])
-    model(torch.randn(2, 3, 64, 64), captions, lengths, torch.tensor([0, 1])).sum().backward()
+    model(torch.randn(2, 3, 64, 64), captions, lengths, torch.tensor([0, 1]))[0].sum().backward()
     assert torch.equal(bn.running_mean, before)  # running statistics untouched
     assert all(p.grad is None for p in model.encoder.backbone.parameters())
     assert model.encoder.linear.weight.grad is not None
 
 
+
+
+ATTENTION = ModelParams(**{**SMALL.__dict__, "decoder": "attention", "attention_size": 8, "image_size": 96})
+
+
+def test_attention_encoder_hands_over_the_grid_and_the_decoder_reads_it_every_word():
+    torch.manual_seed(0)
+    model = Captioner.build(ATTENTION, vocab_size=11)
+    images = torch.randn(2, 3, 96, 96)
+    grid = model.encoder(images)
+    assert grid.shape == (2, 9, 512)  # 96 px / 32 = 3 x 3 cells of the last feature map
+    assert not hasattr(model.encoder, "linear")  # no pooled head: the decoder projects the grid
+    # The cells are the last feature map's, row-major, and their mean is the LSTM's pooled input.
+    feature_map = model.encoder.backbone(images)
+    assert torch.equal(grid[:, 3 * 1 + 2], feature_map[:, :, 1, 2])
+    pooled = Captioner.build(SMALL, vocab_size=11).encoder
+    pooled.backbone.load_state_dict(model.encoder.backbone.state_dict())
+    assert torch.allclose(pooled.cnn(images), grid.mean(1), atol=1e-6)
+    captions, lengths = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]]), torch.tensor([4, 3])
+    logits, penalty = model(images, captions, lengths, torch.tensor([0, 1]))
+    assert logits.shape == (7, 11) and penalty.ndim == 0
+    (logits.sum() + penalty).backward()
+    assert model.decoder.score.weight.grad.abs().sum() > 0  # the attention itself learns
+    # A word's logits depend on the image at that step, not only through step 0: changing one
+    # cell changes the attention weights of every step.
+    _, alphas = model.decoder.attend(grid.detach(), captions)
+    moved = grid.detach().clone()
+    moved[:, 0] += 5
+    _, alphas2 = model.decoder.attend(moved, captions)
+    assert alphas.shape == (2, 4, 9) and torch.allclose(alphas.sum(2), torch.ones(2, 4))
+    assert (alphas2 - alphas).abs()[:, 1:].amax() > 1e-3
+
+
+def test_doubly_stochastic_penalty_is_zero_for_an_even_share_and_grows_with_neglect():
+    decoder = AttentionDecoder(4, 6, 8, 5, 11, 7)
+    lengths = torch.tensor([4, 2])
+    captions = torch.tensor([[1, 5, 6, 2], [1, 2, 0, 0]])
+    with torch.no_grad():  # scores = 0 for every cell: each step's weights are uniform
+        decoder.score.weight.zero_()
+        decoder.score.bias.zero_()
+    _, even = decoder(torch.randn(2, 4, 4), captions, lengths)
+    assert float(even.detach()) == pytest.approx(0.0, abs=1e-12)
+    one_cell = AttentionDecoder(4, 6, 8, 5, 11, 7)  # a 1-cell grid: all weight on it, nothing to regularise
+    assert float(one_cell(torch.randn(2, 1, 4), captions, lengths)[1].detach()) == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():  # cell 0 alone scores high: all attention goes there, the others are neglected
+        decoder.key.weight.zero_()
+        decoder.key.weight[0, 0] = 1.0
+        decoder.query.weight.zero_()
+        decoder.score.weight.zero_()
+        decoder.score.weight[0, 0] = 50.0
+    grid = torch.zeros(2, 4, 4)
+    grid[:, 0, 0] = 10.0
+    _, alphas = decoder.attend(grid, captions)
+    assert float(alphas[..., 0].min()) > 0.999
+    # Summed over the steps of each caption (4 and 2), cell 0 gets 4 and 2, the others 0, against
+    # an even share of 1 and 0.5.
+    expected = ((3 ** 2 + 3 * 1) + (1.5 ** 2 + 3 * 0.25)) / 8
+    assert float(decoder(grid, captions, lengths)[1].detach()) == pytest.approx(expected, rel=1e-3)
+
+
+def test_attention_maps_retrace_the_decoding_and_make_a_readable_figure():
+    from captioning.report import attention_figure
+
+    torch.manual_seed(0)
+    model = Captioner.build(ATTENTION, vocab_size=11).eval()
+    images = torch.randn(2, 3, 96, 96)
+    ids = model.generate(images, end_id=2, beam_size=1, length_penalty=0.0, bf16=False)
+    maps = model.attention_maps(images, ids)
+    assert maps.shape == (*ids.shape, 3, 3) and torch.allclose(maps.sum((2, 3)), torch.ones(ids.shape))
+    # Teacher forcing on its own greedy words predicts those words again: the same computation.
+    logits, _ = model.decoder.attend(model.encoder(images), ids)
+    assert torch.equal(logits.argmax(2), ids)
+    picture = Image.fromarray(np.full((50, 50, 3), 200, np.uint8))
+    figure = attention_figure(picture, ["a", "red", "circle"], maps[0, :3].numpy(), side=40, per_row=2)
+    assert figure.size == (80, 2 * (40 + 16))
+    pixels = np.asarray(figure)[:40, :40].astype(int)  # first panel: lit where attended, dimmed elsewhere
+    weights = maps[0, 0].numpy()
+    lit, dim = np.unravel_index(weights.argmax(), weights.shape), np.unravel_index(weights.argmin(), weights.shape)
+    centre = lambda cell: pixels[int((cell[0] + 0.5) * 40 / 3), int((cell[1] + 0.5) * 40 / 3)]  # noqa: E731
+    assert centre(lit)[0] > centre(dim)[0]
+    with pytest.raises(ValueError, match="model.decoder: attention"):
+        Captioner.build(SMALL, vocab_size=11).attention_maps(images, ids)

@@ -1,8 +1,20 @@
-"""The seed's CNN-LSTM ("Show and Tell") captioner.
+"""The captioners: the seed's CNN-LSTM ("Show and Tell") and Show, Attend and Tell's soft attention.
 
-Encoder: a torchvision ResNet without its fc layer, then Linear + BatchNorm1d to `embed_size`.
-Decoder: Embedding, LSTM, Linear; the image feature is the LSTM's first input step, then the
-caption's tokens (teacher forcing). Greedy decoding feeds back the argmax word.
+Encoder: a torchvision ResNet without its fc layer (`captioning.backbone`). With the seed's LSTM
+decoder (`model.decoder: lstm`) it ends in the average pool, then Linear + BatchNorm1d to
+`embed_size`; with attention it stops before the pool and hands the decoder the spatial grid
+(B, P, F), one F-vector per cell of the last feature map (P = (image_size / 32) ** 2).
+
+Decoders:
+- `Decoder`, the seed's: Embedding, LSTM, Linear; the image feature is the LSTM's first input
+  step, then the caption's tokens (teacher forcing).
+- `AttentionDecoder`, Xu et al. (2015): an LSTMCell that, before each word, attends over the grid
+  (soft attention, gated by beta) and reads the attended context beside the previous word. Its
+  state starts from the grid's mean.
+
+Both decode through the same `greedy` and `beam_search` (`Decoding`), which only need each
+decoder's `start`, `step` and `reorder`; both predict <start> at step 0, so the packed targets,
+the loss and `Vocabulary.decode` are the same for both.
 """
 
 from __future__ import annotations
@@ -19,12 +31,17 @@ from captioning.params import ModelParams
 
 
 class Encoder(nn.Module):
-    def __init__(self, backbone: nn.Module, embed_size: int, train_backbone: bool):
+    """The CNN, then (LSTM decoder) Linear + BatchNorm1d of its pooled output, or (attention) its
+    spatial grid as it is: the attention decoder projects the grid itself."""
+
+    def __init__(self, backbone: nn.Module, embed_size: int, train_backbone: bool, grid: bool = False):
         super().__init__()
-        self.backbone = trunk(backbone)  # drop fc, keep avgpool
         self.feature_size = backbone.fc.in_features
-        self.linear = nn.Linear(self.feature_size, embed_size)
-        self.batch_norm = nn.BatchNorm1d(embed_size, momentum=0.01)
+        self.grid = grid
+        self.backbone = trunk(backbone, grid)
+        if not grid:
+            self.linear = nn.Linear(self.feature_size, embed_size)
+            self.batch_norm = nn.BatchNorm1d(embed_size, momentum=0.01)
         self.train_backbone = train_backbone
         self.backbone.requires_grad_(train_backbone)
 
@@ -36,83 +53,60 @@ class Encoder(nn.Module):
             self.backbone.eval()
         return self
 
-    def pooled(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images -> (B, feature_size) pooled backbone features."""
+    def cnn(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> the backbone's output as the features stage caches it: pooled
+        (B, F), or the grid (B, P, F)."""
         with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
-            return self.backbone(images).flatten(1)
+            out = self.backbone(images)
+        return out.flatten(2).transpose(1, 2) if self.grid else out.flatten(1)
 
-    def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(B, feature_size) -> (B, embed_size)."""
-        return self.batch_norm(self.linear(pooled))
+    def head(self, cnn: torch.Tensor) -> torch.Tensor:
+        """The backbone's output -> the decoder's input: (B, F) -> (B, embed_size); a grid as it is."""
+        return cnn if self.grid else self.batch_norm(self.linear(cnn))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pooled(images))
+        return self.head(self.cnn(images))
 
 
-class Decoder(nn.Module):
-    def __init__(self, embed_size: int, hidden_size: int, vocab_size: int, num_layers: int,
-                 max_seq_len: int):
-        super().__init__()
-        self.embedding = nn.Embedding(vocab_size, embed_size)
-        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True)
-        self.linear = nn.Linear(hidden_size, vocab_size)
-        self.max_seq_len = max_seq_len
-        # Forget-gate bias 1 (Jozefowicz et al., 2015): the image arrives only at step 0, and the
-        # LSTM must remember it to the last object word; the default 0 forgets it early in training.
-        with torch.no_grad():
-            for name, bias in self.lstm.named_parameters():
-                if name.startswith("bias_ih"):
-                    bias[hidden_size:2 * hidden_size].fill_(1.0)  # gate order: input, forget, cell, output
+class Decoding(nn.Module):
+    """Greedy and beam-search decoding for any decoder that provides
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits of the packed targets.
+    - `start(features)`: the decoding state of N images;
+    - `step(state, tokens)`: next-token logits (N, V) and the new state; `tokens` (N,) are the ids
+      just chosen, None at step 0 (whose prediction is <start>);
+    - `reorder(state, rows)`: the state of the sequences `rows` (N,), for beam search.
+    """
 
-        features (N, E); captions (N, L) padded ids starting with <start>; lengths (N,) sorted
-        descending. Returns (sum(lengths), V), in the order of
-        `pack_padded_sequence(captions, lengths, batch_first=True).data`.
-        """
-        embeddings = self.embedding(captions)  # (N, L, E)
-        # The image is step 0; the last token's embedding is never an input (nothing follows <end>).
-        inputs = torch.cat((features.unsqueeze(1), embeddings), 1)  # (N, L+1, E)
-        packed = pack_padded_sequence(inputs, lengths.cpu(), batch_first=True)
-        hiddens, _ = self.lstm(packed)
-        return self.linear(hiddens.data)  # (sum(lengths), V)
+    max_seq_len: int
 
     @torch.no_grad()
     def greedy(self, features: torch.Tensor, end_id: int) -> torch.Tensor:
-        """(B, E) features -> (B, max_seq_len) argmax ids; the first predicted id is <start>.
+        """Features of B images -> (B, max_seq_len) argmax ids; the first predicted id is <start>.
 
         Stops early once every caption has produced <end> (after <start>).
         """
-        inputs, states = features.unsqueeze(1), None  # (B, 1, E)
-        ids = []
+        state, tokens, ids = self.start(features), None, []
         done = torch.zeros(features.size(0), dtype=torch.bool, device=features.device)
         for step in range(self.max_seq_len):
-            hiddens, states = self.lstm(inputs, states)  # (B, 1, H)
-            predicted = self.linear(hiddens.squeeze(1)).argmax(1)  # (B,)
-            ids.append(predicted)
+            logits, state = self.step(state, tokens)
+            tokens = logits.argmax(1)  # (B,)
+            ids.append(tokens)
             if step > 0:
-                done |= predicted == end_id
+                done |= tokens == end_id
                 if bool(done.all()):
                     break
-            inputs = self.embedding(predicted).unsqueeze(1)  # (B, 1, E)
         return torch.stack(ids, 1)
-
-    def step(self, inputs: torch.Tensor, states) -> tuple[torch.Tensor, tuple]:
-        """One decoding step of N sequences: inputs (N, 1, E) -> log-probs (N, V), new LSTM states."""
-        hiddens, states = self.lstm(inputs, states)  # (N, 1, H)
-        return self.linear(hiddens.squeeze(1)).log_softmax(1), states
 
     @torch.no_grad()
     def beam_search(self, features: torch.Tensor, end_id: int, beam_size: int,
                     length_penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, E) features -> ((B, L) ids, (B,) scores): the best of `beam_size` beams per image.
+        """Features of B images -> ((B, L) ids, (B,) scores): the best of `beam_size` beams per image.
 
-        All B * K beams advance together, one LSTM step per token. As in `greedy`, the image is
-        step 0 and the first predicted id is <start>; ids after a caption's <end> are <end>, so
-        `Vocabulary.decode` reads both alike. A hypothesis scores its summed log-probs (from the
-        <start> to the <end> id) divided by its length in ids ** `length_penalty`: 0 keeps the raw
-        sum, which favours short captions, 1 is the mean log-prob.
+        All B * K beams advance together, one decoder step per token. As in `greedy`, the first
+        predicted id is <start>; ids after a caption's <end> are <end>, so `Vocabulary.decode`
+        reads both alike. A hypothesis scores its summed log-probs (from the <start> to the <end>
+        id) divided by its length in ids ** `length_penalty`: 0 keeps the raw sum, which favours
+        short captions, 1 is the mean log-prob.
 
         A beam that predicts <end> leaves the beam (its slot is refilled from the others at the next
         step) and becomes a finished hypothesis of its image. An image is done once its best
@@ -124,7 +118,7 @@ class Decoder(nn.Module):
         """
         batch, k, device = features.size(0), beam_size, features.device
         neg_inf = float("-inf")
-        inputs, states = features.repeat_interleave(k, 0).unsqueeze(1), None  # (B*K, 1, E)
+        state, tokens = self.start(features.repeat_interleave(k, 0)), None  # B*K sequences
         # Summed log-probs of the live beams; -inf = no beam in that slot. At step 0 one beam per
         # image: K copies of the same one would all pick the same tokens.
         scores = features.new_full((batch, k), neg_inf)  # (B, K)
@@ -137,7 +131,8 @@ class Decoder(nn.Module):
         first_beam = torch.arange(batch, device=device).unsqueeze(1) * k  # (B, 1) row of each image's beam 0
         images = torch.arange(batch, device=device)
         for step in range(self.max_seq_len):
-            log_probs, states = self.step(inputs, states)  # (B*K, V)
+            logits, state = self.step(state, tokens)
+            log_probs = logits.log_softmax(1)  # (B*K, V)
             vocab_size = log_probs.size(1)
             candidates = (scores.unsqueeze(2) + log_probs.view(batch, k, vocab_size)).view(batch, -1)
             # Candidates of one step have the same length: ranking raw sums is ranking scores.
@@ -160,8 +155,8 @@ class Decoder(nn.Module):
             done |= best >= reachable
             if bool(done.all()):
                 break
-            inputs = self.embedding(tokens.view(-1)).unsqueeze(1)  # (B*K, 1, E)
-            states = tuple(s.index_select(1, rows) for s in states)  # (layers, B*K, H) each
+            tokens = tokens.view(-1)  # (B*K,)
+            state = self.reorder(state, rows)
         unfinished = best == neg_inf  # ran out of steps: the best live beam, truncated
         if bool(unfinished.any()):
             alive, which = scores.max(1)
@@ -169,6 +164,124 @@ class Decoder(nn.Module):
             best_ids[unfinished, : history.size(1)] = history.view(batch, k, -1)[images, which][unfinished]
             best_len = torch.where(unfinished, history.size(1), best_len)
         return best_ids[:, : int(best_len.max())], best
+
+
+class Decoder(Decoding):
+    """The seed's decoder: the image (B, E) is the LSTM's input at step 0, then the words."""
+
+    def __init__(self, embed_size: int, hidden_size: int, vocab_size: int, num_layers: int,
+                 max_seq_len: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True)
+        self.linear = nn.Linear(hidden_size, vocab_size)
+        self.max_seq_len = max_seq_len
+        # Forget-gate bias 1 (Jozefowicz et al., 2015): the image arrives only at step 0, and the
+        # LSTM must remember it to the last object word; the default 0 forgets it early in training.
+        with torch.no_grad():
+            for name, bias in self.lstm.named_parameters():
+                if name.startswith("bias_ih"):
+                    bias[hidden_size:2 * hidden_size].fill_(1.0)  # gate order: input, forget, cell, output
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor,
+                lengths: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Teacher-forced logits of the packed targets, and no regulariser.
+
+        features (N, E); captions (N, L) padded ids starting with <start>; lengths (N,) sorted
+        descending. The logits are (sum(lengths), V), in the order of
+        `pack_padded_sequence(captions, lengths, batch_first=True).data`.
+        """
+        embeddings = self.embedding(captions)  # (N, L, E)
+        # The image is step 0; the last token's embedding is never an input (nothing follows <end>).
+        inputs = torch.cat((features.unsqueeze(1), embeddings), 1)  # (N, L+1, E)
+        packed = pack_padded_sequence(inputs, lengths.cpu(), batch_first=True)
+        hiddens, _ = self.lstm(packed)
+        return self.linear(hiddens.data), None  # (sum(lengths), V)
+
+    def start(self, features: torch.Tensor):
+        return features.unsqueeze(1), None  # (next input (N, 1, E), LSTM states)
+
+    def step(self, state, tokens: torch.Tensor | None):
+        inputs, states = state
+        if tokens is not None:
+            inputs = self.embedding(tokens).unsqueeze(1)  # (N, 1, E)
+        hiddens, states = self.lstm(inputs, states)  # (N, 1, H)
+        return self.linear(hiddens.squeeze(1)), (None, states)
+
+    def reorder(self, state, rows: torch.Tensor):
+        return None, tuple(s.index_select(1, rows) for s in state[1])  # (layers, N, H) each
+
+
+class AttentionDecoder(Decoding):
+    """Show, Attend and Tell's soft-attention decoder (Xu et al. 2015, section 3.1.2 and 4.2.1).
+
+    Before each word the LSTMCell's hidden state scores every grid cell (additive attention),
+    the softmax of the scores weighs the cells into a context vector, and a gate beta =
+    sigmoid(f_beta(h)) scales it; the cell then reads [previous word; context]. h and c start
+    from the grid's mean. Step 0 has no previous word (a zero vector) and predicts <start>.
+    """
+
+    def __init__(self, feature_size: int, embed_size: int, hidden_size: int, attention_size: int,
+                 vocab_size: int, max_seq_len: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_size)
+        self.key = nn.Linear(feature_size, attention_size)  # the grid's side of the attention score
+        self.query = nn.Linear(hidden_size, attention_size)
+        self.score = nn.Linear(attention_size, 1)
+        self.init_h = nn.Linear(feature_size, hidden_size)
+        self.init_c = nn.Linear(feature_size, hidden_size)
+        self.gate = nn.Linear(hidden_size, feature_size)  # f_beta
+        self.cell = nn.LSTMCell(embed_size + feature_size, hidden_size)
+        self.linear = nn.Linear(hidden_size, vocab_size)
+        self.max_seq_len = max_seq_len
+
+    def start(self, grid: torch.Tensor):
+        """grid (N, P, F) -> the state (grid, its attention keys, h, c, last weights)."""
+        mean = grid.mean(1)
+        h, c = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
+        return grid, self.key(grid), h, c, None
+
+    def step(self, state, tokens: torch.Tensor | None):
+        grid, keys, h, c, _ = state
+        scores = self.score(torch.tanh(keys + self.query(h).unsqueeze(1))).squeeze(2)  # (N, P)
+        alpha = scores.softmax(1)
+        context = torch.sigmoid(self.gate(h)) * (alpha.unsqueeze(2) * grid).sum(1)  # (N, F)
+        words = self.embedding(tokens) if tokens is not None else h.new_zeros(h.size(0), self.embedding.embedding_dim)
+        h, c = self.cell(torch.cat((words, context), 1), (h, c))
+        return self.linear(h), (grid, keys, h, c, alpha)
+
+    def reorder(self, state, rows: torch.Tensor):
+        grid, keys, h, c, alpha = state
+        # Beam search reorders within each image's block of beams, whose grid rows are equal: only
+        # the recurrent state moves.
+        return grid, keys, h[rows], c[rows], alpha
+
+    def attend(self, grid: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing over whole captions: (N, L, V) logits and (N, L, P) attention weights,
+        step t predicting captions[:, t] from captions[:, t - 1]."""
+        state, logits, alphas = self.start(grid), [], []
+        for t in range(captions.size(1)):
+            out, state = self.step(state, captions[:, t - 1] if t else None)
+            logits.append(out)
+            alphas.append(state[4])
+        return torch.stack(logits, 1), torch.stack(alphas, 1)
+
+    def forward(self, grid: torch.Tensor, captions: torch.Tensor,
+                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits of the packed targets (as `Decoder.forward`) and the doubly
+        stochastic regulariser.
+
+        Softmax makes each step's weights sum to 1 over the cells; the regulariser asks the
+        weights of each cell, summed over the caption's steps, to come near tau, so that every
+        part of the image gets attention in some word. Xu et al. suggest tau >= L/P; tau = L/P
+        (an even share) makes it 0 for a one-cell grid and independent of caption length.
+        """
+        logits, alphas = self.attend(grid, captions)
+        packed = pack_padded_sequence(logits, lengths.cpu(), batch_first=True).data
+        mask = (torch.arange(captions.size(1), device=captions.device) < lengths.to(captions.device).unsqueeze(1))
+        per_cell = (alphas * mask.unsqueeze(2)).sum(1)  # (N, P)
+        tau = lengths.to(per_cell).unsqueeze(1) / per_cell.size(1)  # (N, 1)
+        return packed, ((per_cell - tau) ** 2).mean()
 
 
 class Captioner(nn.Module):
@@ -180,9 +293,14 @@ class Captioner(nn.Module):
         params = ModelParams(**{k: v for k, v in config.items() if k != "vocab_size"})
         if backbone is None:  # weights come from a checkpoint: no need for ImageNet ones
             backbone = resnet(params.backbone)
-        self.encoder = Encoder(backbone, params.embed_size, params.train_backbone)
-        self.decoder = Decoder(params.embed_size, params.hidden_size, config["vocab_size"],
-                               params.num_layers, params.max_seq_len)
+        attention = params.decoder == "attention"
+        self.encoder = Encoder(backbone, params.embed_size, params.train_backbone, grid=attention)
+        if attention:
+            self.decoder = AttentionDecoder(self.encoder.feature_size, params.embed_size, params.hidden_size,
+                                            params.attention_size, config["vocab_size"], params.max_seq_len)
+        else:
+            self.decoder = Decoder(params.embed_size, params.hidden_size, config["vocab_size"],
+                                   params.num_layers, params.max_seq_len)
 
     @classmethod
     def build(cls, params: ModelParams, vocab_size: int, backbone_state: dict | None = None) -> "Captioner":
@@ -191,24 +309,36 @@ class Captioner(nn.Module):
         backbone = resnet(params.backbone) if backbone_state is None else backbone_from_state(params, backbone_state)
         return cls({**asdict(params), "vocab_size": vocab_size}, backbone=backbone)
 
-    def forward(self, inputs, captions, lengths, image_index, pooled: bool = False):
-        """Logits for the packed targets; `image_index[n]` is the image of caption n.
+    def forward(self, inputs, captions, lengths, image_index, cached: bool = False):
+        """(logits for the packed targets, the decoder's regulariser or None); `image_index[n]` is
+        the image of caption n.
 
-        `inputs` are images (B, 3, S, S), or with `pooled` the backbone's cached pooled output
-        (B, F). The encoder runs once per image, however many captions it has in the batch.
+        `inputs` are images (B, 3, S, S), or with `cached` the backbone's cached output (pooled
+        (B, F) or grid (B, P, F)). The encoder runs once per image, however many captions it has.
         """
-        features = (self.encoder.head if pooled else self.encoder)(inputs)[image_index]  # (N, E)
+        features = (self.encoder.head if cached else self.encoder)(inputs)[image_index]
         return self.decoder(features, captions, lengths)
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, end_id: int, *, beam_size: int, length_penalty: float,
                  bf16: bool) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, L) ids: greedy for `beam_size` 1 (the same ids, less
-        bookkeeping), else `Decoder.beam_search`. `bf16`: the encoder under bf16 autocast on CUDA
+        bookkeeping), else `Decoding.beam_search`. `bf16`: the encoder under bf16 autocast on CUDA
         (as in training); the decoder stays in float32, since beam scores add up many log-probs."""
         with accel.autocast(images.device, bf16):
-            features = self.encoder(images)  # (B, E)
+            features = self.encoder(images)
         features = features.float()
         if beam_size == 1:
             return self.decoder.greedy(features, end_id)
         return self.decoder.beam_search(features, end_id, beam_size, length_penalty)[0]
+
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L, h, w) attention weights of an attention captioner as it produced `ids` (B, L)
+        (`generate`'s output): teacher forcing on its own words retraces its decoding."""
+        if not isinstance(self.decoder, AttentionDecoder):
+            raise ValueError("attention maps need a captioner with model.decoder: attention")
+        grid = self.encoder(images).float()  # (B, P, F)
+        _, alphas = self.decoder.attend(grid, ids)
+        side = round(grid.size(1) ** 0.5)  # crops are square
+        return alphas.view(*ids.shape, side, side)

@@ -26,6 +26,7 @@ SOURCES = ("synthetic", "coco2014", "coco2017", "flickr8k", "flickr30k", "local"
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 WEIGHTS_VERSIONS = ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DECODERS = ("lstm", "attention")
 # Validation metrics the best epoch may be selected by; all but val_loss are better when higher.
 SELECT_METRICS = ("cider", "bleu_4", "grounded", "strict", "val_loss")
 LR_SCHEDULES = ("onecycle", "constant")
@@ -114,17 +115,25 @@ class ModelParams:
     weights_version: str = "DEFAULT"
     train_backbone: bool = False  # False freezes the CNN after pretrain (the seed's setting)
     image_size: int = 32  # network input side; stored images are cropped/scaled to it
+    # lstm: the seed's (the image is the LSTM's first input); attention: Show, Attend and Tell's
+    # soft attention over the backbone's last feature map, (image_size / 32) ** 2 cells
+    decoder: str = "lstm"
     embed_size: int = 128
     hidden_size: int = 256
-    num_layers: int = 1
+    num_layers: int = 1  # LSTM layers (lstm only: the attention decoder is one LSTMCell)
+    attention_size: int = 128  # attention only: width of the attention scores' hidden layer
     max_seq_len: int = 20  # longest generated caption, in tokens
 
     def check(self) -> None:
         _one_of("model.backbone", self.backbone, BACKBONES)
         _one_of("model.weights_version", self.weights_version, WEIGHTS_VERSIONS)
-        for key in ("embed_size", "hidden_size", "num_layers", "max_seq_len"):
+        _one_of("model.decoder", self.decoder, DECODERS)
+        for key in ("embed_size", "hidden_size", "num_layers", "attention_size", "max_seq_len"):
             _at_least(f"model.{key}", getattr(self, key), 1)
         _at_least("model.image_size", self.image_size, 32)
+        if self.decoder == "attention" and self.num_layers != 1:
+            raise ParamsError(f"model.num_layers is {self.num_layers}, but the attention decoder is one LSTMCell: "
+                              "set model.num_layers: 1, or model.decoder: lstm")
         if self.pretrained is False and self.weights_path:
             raise ParamsError(
                 "model.weights_path is set but model.pretrained is false: "
@@ -170,6 +179,8 @@ class TrainParams:
     checkpoint_every: int = 200  # steps between resume checkpoints
     hflip: bool = False  # horizontal flip augmentation; it swaps "left of"/"right of"
     random_crop: bool = True
+    # attention only: weight of the doubly stochastic attention regulariser (Xu et al.'s lambda)
+    attention_reg: float = 1.0
     select_metric: str = "val_loss"  # val metric (of greedy captions) that picks the kept epoch
     patience: int = 0  # stop after this many epochs without improvement; 0 = never
     compile: bool = False  # torch.compile the model (pays a compile at start; for long GPU runs)
@@ -182,6 +193,7 @@ class TrainParams:
         _at_least("train.batch_size", self.batch_size, 1)
         _at_least("train.captions_per_image", self.captions_per_image, 0)
         _positive("train.lr", self.lr)
+        _at_least("train.attention_reg", self.attention_reg, 0)
         _at_least("train.log_every", self.log_every, 1)
         _at_least("train.checkpoint_every", self.checkpoint_every, 1)
         _at_least("train.processes", self.processes, 1)

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from captioning import accel
 from captioning.data import ImageDataset
-from captioning.images import Transform
+from captioning.images import Transform, load_rgb, scale
 from captioning.io import write_json_atomic
-from captioning.model import Captioner
+from captioning.model import AttentionDecoder, Captioner
 from captioning.text import Vocabulary
 
 
@@ -66,6 +68,35 @@ def caption_images(model: Captioner, vocab: Vocabulary, images: list, device: to
     return captions
 
 
+@torch.no_grad()
+def attention_figures(model: Captioner, vocab: Vocabulary, paths: list[Path], out: Path, device: torch.device,
+                      decoding: Decoding, side: int = 160) -> list[Path]:
+    """For each image, caption it as `decoding` says and save `<out>/<name>.attention.png`: one
+    panel per word of the caption, lit where the attention decoder looked before saying it."""
+    from captioning.report import attention_figure
+
+    model.eval().to(device)
+    size = model.config["image_size"]
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in paths:
+        picture = load_rgb(path)
+        image = Transform(size)(picture).unsqueeze(0).to(device)
+        ids = model.generate(image, vocab.end_id, beam_size=decoding.beam_size,
+                             length_penalty=decoding.length_penalty, bf16=decoding.bf16)
+        maps = model.attention_maps(image, ids)[0].cpu().numpy()  # (L, h, w)
+        # Step t predicts ids[t]: the panels are the words, from the first after <start> to <end>.
+        steps = [(t, vocab.words[i]) for t, i in enumerate(ids[0].tolist()) if t > 0]
+        steps = steps[: next((n + 1 for n, (_, w) in enumerate(steps) if w == vocab.words[vocab.end_id]), len(steps))]
+        crop = Transform(side).crop(scale(picture, side))  # the region the network saw, at `side` px
+        figure = attention_figure(Image.fromarray(crop.permute(1, 2, 0).numpy()), [w for _, w in steps],
+                                  maps[[t for t, _ in steps]], side)
+        target = out / f"{Path(path).stem}.attention.png"
+        figure.save(target)
+        written.append(target)
+    return written
+
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -105,12 +136,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--beam-size", type=int,
                         help="captions kept per image while decoding, 1 = greedy (default: the decoding file's)")
+    parser.add_argument("--attention", metavar="FOLDER",
+                        help="also save FOLDER/<image>.attention.png: where the decoder looked for each word "
+                             "(a checkpoint trained with model.decoder: attention)")
     args = parser.parse_args(argv)
     if args.beam_size is not None and args.beam_size < 1:
         parser.error(f"--beam-size must be >= 1, got {args.beam_size}")
-    if args.model and (args.beam_size is not None or args.decoding):
-        parser.error("--beam-size and --decoding apply to --checkpoint; an MLflow model decodes as its "
-                     "experiment's evaluate stage did")
+    if args.model and (args.beam_size is not None or args.decoding or args.attention):
+        parser.error("--beam-size, --decoding and --attention apply to --checkpoint; an MLflow model decodes "
+                     "as its experiment's evaluate stage did")
     paths = image_files(args.inputs)
     if args.model:
         import mlflow.pyfunc
@@ -130,7 +164,14 @@ def main(argv: list[str] | None = None) -> None:
             model, vocab, _ = load_checkpoint(args.checkpoint)
         except CheckpointError as err:
             raise SystemExit(f"caption: {err}") from None
-        captions = caption_images(model, vocab, paths, accel.pick_device(args.device), decoding,
-                                  args.batch_size, progress=False)
+        if args.attention and not isinstance(model.decoder, AttentionDecoder):
+            raise SystemExit(f"caption: --attention: {args.checkpoint} was trained with model.decoder: "
+                             f"{model.config.get('decoder', 'lstm')}, which has no attention to show; train "
+                             "with model.decoder: attention")
+        device = accel.pick_device(args.device)
+        captions = caption_images(model, vocab, paths, device, decoding, args.batch_size, progress=False)
+        if args.attention:
+            for figure in attention_figures(model, vocab, paths, Path(args.attention), device, decoding):
+                print(f"caption: attention figure -> {figure}", file=sys.stderr)
     for path, caption in zip(paths, captions):
         print(f"{path}\t{caption}")

@@ -1,4 +1,5 @@
-"""The sample gallery: a self-contained HTML page (images inlined) a person can open anywhere."""
+"""What a person looks at: the sample gallery, a self-contained HTML page (images inlined) that
+opens anywhere, and the attention figure of an attention captioner."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import base64
 import html
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 
 @dataclass(frozen=True)
@@ -46,3 +50,28 @@ body {{ font-family: sans-serif; margin: 1.5em; }}
 {chr(10).join(rows)}
 </div></body></html>
 """
+
+
+def attention_figure(image: Image.Image, words: list[str], maps: np.ndarray, side: int = 160,
+                     per_row: int = 6) -> Image.Image:
+    """One panel per word: `image` (the crop the network saw) lit where the decoder looked
+    before saying that word, dimmed elsewhere, with the word and its largest attention weight.
+
+    `maps` (len(words), h, w) are the word's attention weights over the grid's cells (summing
+    to 1); each is scaled by its own largest weight and bilinearly upsampled over the image.
+    """
+    picture = np.asarray(image.convert("RGB").resize((side, side), Image.BICUBIC), dtype=np.float32)
+    label = 16
+    rows = max(1, -(-len(words) // per_row))
+    figure = Image.new("RGB", (per_row * side, rows * (side + label)), "white")
+    draw = ImageDraw.Draw(figure)
+    font = ImageFont.load_default()
+    for n, (word, weights) in enumerate(zip(words, maps)):
+        weights = np.asarray(weights, dtype=np.float32)
+        heat = Image.fromarray(weights / max(float(weights.max()), 1e-8), mode="F").resize((side, side), Image.BILINEAR)
+        light = 0.25 + 0.75 * np.clip(np.asarray(heat), 0, 1)[..., None]  # dim the cells it did not attend to
+        panel = Image.fromarray((picture * light).round().astype(np.uint8))
+        x, y = (n % per_row) * side, (n // per_row) * (side + label)
+        figure.paste(panel, (x, y))
+        draw.text((x + 4, y + side + 2), f"{word} ({weights.max():.2f})", fill="black", font=font)
+    return figure

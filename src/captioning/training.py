@@ -60,14 +60,14 @@ class TrainingData:
     val: CaptionDataset
     val_references: dict[int, list[str]]  # val image id -> reference captions
     images_per_batch: int
-    pooled: bool  # the inputs are cached pooled backbone features, not images
+    cached: bool  # the inputs are the backbone's cached output (pooled or grid), not images
     scene_scores: SceneScores | None = None
 
 
 def training_data(vocab: Vocabulary, train_split: Split, val_split: Split, image_size: int,
                   params: TrainParams, features: tuple[np.ndarray, np.ndarray] | None = None,
                   scene_scores: SceneScores | None = None) -> TrainingData:
-    """Datasets from images, or from cached (train, val) backbone features when given."""
+    """Datasets from images, or from the cached (train, val) backbone output when given."""
     if features is not None:
         train = FeatureDataset(train_split, vocab, features[0], params.captions_per_image)
         val = FeatureDataset(val_split, vocab, features[1])
@@ -77,7 +77,7 @@ def training_data(vocab: Vocabulary, train_split: Split, val_split: Split, image
         val = CaptionDataset(val_split, vocab, Transform(image_size))
     return TrainingData(vocab, train, val, val_split.captions,
                         images_per_batch(train_split, params.batch_size, params.captions_per_image),
-                        pooled=features is not None, scene_scores=scene_scores)
+                        cached=features is not None, scene_scores=scene_scores)
 
 
 def images_per_batch(split: Split, captions_per_batch: int, captions_per_image: int = 0) -> int:
@@ -90,9 +90,10 @@ def images_per_batch(split: Split, captions_per_batch: int, captions_per_image: 
 
 
 def trainable_parameters(model: Captioner) -> list[nn.Parameter]:
-    """The seed's optimizer set: decoder + encoder head, plus the backbone when it trains."""
-    params = list(model.decoder.parameters()) + list(model.encoder.linear.parameters())
-    params += list(model.encoder.batch_norm.parameters())
+    """The seed's optimizer set: decoder + encoder head (the LSTM decoder's), plus the backbone
+    when it trains."""
+    params = list(model.decoder.parameters())
+    params += [p for name, p in model.encoder.named_parameters() if not name.startswith("backbone.")]
     if model.encoder.train_backbone:
         params += list(model.encoder.backbone.parameters())
     return params
@@ -166,18 +167,18 @@ def fit(model: Captioner, data: TrainingData, params: TrainParams, *, seed: int,
     """Train `model` for `params.epochs` (or until early stopping); validate after each epoch and
     keep the best epoch's weights by `params.select_metric`.
 
-    With cached features (`data.pooled`) the backbone must be frozen: its output is what was
+    With cached features (`data.cached`) the backbone must be frozen: its output is what was
     cached. Under torchrun (`here.size` > 1) the model is wrapped in DistributedDataParallel and
     each process takes its share of every batch; every rank validates (on identical weights), so
     all take the same early-stopping decision.
     """
-    if data.pooled and model.encoder.train_backbone:
+    if data.cached and model.encoder.train_backbone:
         raise ValueError("cached features need a frozen backbone (model.train_backbone: false)")
     if data.images_per_batch < 2 * here.size:  # BatchNorm needs 2 images per process (data.EpochBatchSampler)
         raise ParamsError(f"train.batch_size {params.batch_size} makes steps of {data.images_per_batch} image(s); "
                           f"BatchNorm needs at least 2 per process ({here.size}): raise train.batch_size")
     model.to(device)
-    if not data.pooled:
+    if not data.cached:
         model.encoder.backbone = accel.channels_last(model.encoder.backbone, device)
     net = accel.maybe_compile(DistributedDataParallel(model) if here.size > 1 else model, params.compile)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=params.lr)
@@ -220,7 +221,7 @@ def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, data: Trai
                                 rank=here.rank, world=here.size)
     # Cached features are in memory already: worker processes would only add start-up and copies.
     loader = DataLoader(data.train, batch_sampler=sampler, collate_fn=collate_captions,
-                        num_workers=0 if data.pooled else compute.num_workers, pin_memory=device.type == "cuda")
+                        num_workers=0 if data.cached else compute.num_workers, pin_memory=device.type == "cuda")
     total = state.batch + len(sampler)
     criterion = nn.CrossEntropyLoss()
     # Summed on the device: reading it every step would sync the host with the GPU.
@@ -228,15 +229,15 @@ def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, data: Trai
     net.train()
     for inputs, captions, lengths, image_index in loader:
         inputs = inputs.to(device, non_blocking=True)
-        if not data.pooled:
+        if not data.cached:
             inputs = accel.channels_last(inputs, device)
         captions = captions.to(device, non_blocking=True)
         targets = pack_padded_sequence(captions, lengths, batch_first=True).data
         with accel.autocast(device, compute.bf16):
-            logits = net(inputs, captions, lengths, image_index.to(device), pooled=data.pooled)
-            loss = criterion(logits.float(), targets)
+            logits, penalty = net(inputs, captions, lengths, image_index.to(device), cached=data.cached)
+            loss = criterion(logits.float(), targets)  # logged: comparable with val_loss and across decoders
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if penalty is None else loss + params.attention_reg * penalty.float()).backward()
         optimizer.step()
         state.batch += 1
         state.step += 1
@@ -256,7 +257,7 @@ def validate(model: Captioner, data: TrainingData, device: torch.device, batch_i
     """Teacher-forced loss and scores of greedy captions on the val split (plus the scene
     scores where `data` has them)."""
     dataset, vocab = data.val, data.vocab
-    encode = model.encoder.head if data.pooled else model.encoder  # cached features are the pooled output
+    encode = model.encoder.head if data.cached else model.encoder  # cached features are the backbone's output
     criterion = nn.CrossEntropyLoss()
     model.eval()
     sampler = [[(i, 0) for i in range(k, min(k + batch_images, len(dataset)))]
@@ -264,9 +265,9 @@ def validate(model: Captioner, data: TrainingData, device: torch.device, batch_i
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_captions)
     loss_sum, tokens, hypotheses = 0.0, 0, {}
     for batch, (inputs, captions, lengths, image_index) in zip(sampler, loader):
-        features = encode(inputs.to(device))  # (B, E)
+        features = encode(inputs.to(device))
         captions = captions.to(device)
-        logits = model.decoder(features[image_index.to(device)], captions, lengths)
+        logits, _ = model.decoder(features[image_index.to(device)], captions, lengths)
         targets = pack_padded_sequence(captions, lengths, batch_first=True).data
         loss_sum += float(criterion(logits, targets)) * len(targets)
         tokens += len(targets)
