@@ -35,7 +35,8 @@ def main(args: argparse.Namespace) -> None:
             return
         state = torch.load(args.backbone, map_location="cpu", weights_only=True)
         grid = params.model.decoder == "attention"
-        cnn = trunk(backbone_from_state(params.model, state), grid)  # as the captioner's encoder has it
+        cnn = trunk(backbone_from_state(params.model, state))
+        cnn = cnn[:-1] if grid else cnn  # the grid comes before the average pool, as in model.Encoder
         settings = params.features
         total = 0
         for split in SPLITS:

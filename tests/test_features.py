@@ -44,6 +44,32 @@ def test_views_are_the_centre_crop_then_seeded_random_crops(tiny_data):
     assert np.array_equal(array, again)  # the same crops whatever the batch size and workers
 
 
+def test_grids_are_written_in_chunks_memory_mapped_and_read_back_by_kind(tmp_path, monkeypatch):
+    grids = np.random.default_rng(0).standard_normal((5, 2, 4, 8)).astype(np.float16)
+    features.write(tmp_path, "train", [3, 1, 4, 5, 9], iter([grids[:2], grids[2:4], grids[4:]]), {"grid": True})
+    back = features.read(tmp_path, "train", [3, 1, 4, 5, 9], 8, grid=True)
+    assert isinstance(back, np.memmap) and np.array_equal(back, grids)
+    with pytest.raises(features.FeaturesError, match="grids, but model.decoder lstm needs pooled vectors"):
+        features.read(tmp_path, "train", [3, 1, 4, 5, 9], 8)
+    with pytest.raises(ValueError, match="3 rows of features for 5 images"):
+        features.write(tmp_path / "short", "train", [3, 1, 4, 5, 9], iter([grids[:3]]), {})
+    # Past FeatureDataset's in-memory limit the rows stay on disk, read one item at a time: the
+    # same values, in the records' order, as when they fit in memory.
+    from captioning.data import FeatureDataset
+    from captioning.datasets import Split
+
+    split = Split([{"id": i, "file_name": f"{i}.jpg"} for i in (3, 1, 4, 5, 9)],
+                  {i: ["a red circle"] for i in (3, 1, 4, 5, 9)}, tmp_path)
+    vocab = Vocabulary.build(["a red circle"], 1)
+    in_memory = FeatureDataset(split, vocab, back)
+    monkeypatch.setattr(FeatureDataset, "IN_MEMORY_BYTES", 0)
+    mapped = FeatureDataset(split, vocab, back)
+    assert isinstance(mapped.features, np.memmap) and not isinstance(in_memory.features, np.memmap)
+    for item in [(0, 11), (2, 12), (4, 13)]:
+        assert torch.equal(mapped[item][0], in_memory[item][0])
+        assert mapped[item][0].shape == (4, 8) and mapped[item][0].dtype == torch.float32
+
+
 def test_read_refuses_features_of_other_images_or_backbone(tmp_path):
     features.write(tmp_path, "val", [1, 2], np.zeros((2, 1, 512), np.float16), {"backbone": "resnet18"})
     assert features.read(tmp_path, "val", [1, 2], 512).shape == (2, 1, 512)
@@ -61,12 +87,15 @@ class _Quiet:
     def on_epoch(self, row): pass
 
 
-def test_training_from_cached_features_matches_training_from_the_images(tiny_data):
+@pytest.mark.parametrize("decoder, size", [("lstm", SIZE), ("attention", 64)])
+def test_training_from_cached_features_matches_training_from_the_images(tiny_data, decoder, size):
     """With one centre-crop view, cached features are the images' backbone output (in float16):
-    the same run from either input must end at the same validation loss."""
+    pooled vectors for the LSTM, 2 x 2 grids for attention at 64 px. The same run from either
+    input must end at the same validation loss."""
     train, val = read_split(tiny_data, "train"), read_split(tiny_data, "val")
     vocab = Vocabulary.build([c for cs in train.captions.values() for c in cs], 1)
-    model_params = ModelParams(image_size=SIZE, embed_size=16, hidden_size=24, train_backbone=False)
+    model_params = ModelParams(image_size=size, embed_size=16, hidden_size=24, train_backbone=False, decoder=decoder,
+                               attention_size=8)
     params = TrainParams(epochs=2, batch_size=40, captions_per_image=0, random_crop=False, log_every=1)
     cpu = torch.device("cpu")
     state = {k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items()
@@ -75,13 +104,15 @@ def test_training_from_cached_features_matches_training_from_the_images(tiny_dat
     def run(cached):
         torch.manual_seed(3)
         model = Captioner.build(model_params, len(vocab), state)
-        data = training_data(vocab, train, val, SIZE, params, cached)
+        data = training_data(vocab, train, val, size, params, cached)
         return fit(model, data, params, seed=5, device=cpu, callbacks=_Quiet(), compute=ComputeParams(num_workers=0))
 
     cnn = Captioner.build(model_params, len(vocab), state).encoder.backbone
-    cached = tuple(features.extract(cnn, [s.image_path(r) for r in s.images], image_size=SIZE, device=cpu,
-                                    views=1, hflip=False, seed=0, batch_size=16, num_workers=0, bf16=False)
+    cached = tuple(features.extract(cnn, [s.image_path(r) for r in s.images], image_size=size, device=cpu,
+                                    views=1, hflip=False, seed=0, batch_size=16, num_workers=0, bf16=False,
+                                    grid=decoder == "attention")
                    for s in (train, val))
+    assert cached[1].shape == ((len(val.images), 1, 4, 512) if decoder == "attention" else (len(val.images), 1, 512))
     from_images, from_features = run(None), run(cached)
     assert from_features.steps == from_images.steps
     assert math.isclose(from_features.best["val_loss"], from_images.best["val_loss"], rel_tol=2e-3)

@@ -95,8 +95,6 @@ def backbone_from_state(params: ModelParams, state: dict) -> nn.Module:
     return backbone
 
 
-def trunk(backbone: nn.Module, grid: bool = False) -> nn.Sequential:
-    """A torchvision ResNet without its fc layer: images (B, 3, H, W) -> pooled (B, F, 1, 1), or
-    with `grid` also without the average pool: the last feature map (B, F, H/32, W/32). Layers keep
-    their indices either way, so the weights' names are the same."""
-    return nn.Sequential(*list(backbone.children())[:-2 if grid else -1])
+def trunk(backbone: nn.Module) -> nn.Sequential:
+    """A torchvision ResNet without its fc layer: images (B, 3, H, W) -> pooled (B, F, 1, 1)."""
+    return nn.Sequential(*list(backbone.children())[:-1])

@@ -58,8 +58,8 @@ def batches(backbone: torch.nn.Module, paths: list, *, image_size: int, device: 
             views: int, hflip: bool, seed: int, batch_size: int, num_workers: int, bf16: bool,
             grid: bool = False, desc: str = "features") -> Iterator[np.ndarray]:
     """The backbone's float16 output for `paths`, batch by batch: (b, views, F) pooled, or with
-    `grid` (b, views, P, F). `backbone` is `backbone.trunk(resnet, grid)`, run in eval mode;
-    bf16 on CUDA when `bf16`."""
+    `grid` (b, views, P, F). `backbone` is `backbone.trunk(resnet)`, for `grid` without its
+    last layer (the average pool); run in eval mode, bf16 on CUDA when `bf16`."""
     backbone = accel.channels_last(backbone.eval().to(device), device)
     # Each image's crops are drawn from its own seed: the same with any number of workers.
     items = [(index, (seed * 1_000_003 + index) * 64) for index in range(len(paths))]

@@ -38,7 +38,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.feature_size = backbone.fc.in_features
         self.grid = grid
-        self.backbone = trunk(backbone, grid)
+        # With the grid, the trunk without its average pool: the layers keep their indices, so the
+        # weights have the same names either way.
+        self.backbone = trunk(backbone)[:-1] if grid else trunk(backbone)
         if not grid:
             self.linear = nn.Linear(self.feature_size, embed_size)
             self.batch_norm = nn.BatchNorm1d(embed_size, momentum=0.01)
