@@ -150,8 +150,9 @@ def main(args: argparse.Namespace) -> None:
         write_run_info(args.run_info, run)
     resume.unlink(missing_ok=True)  # finished: a rerun must start afresh, not resume
     metric = params.train.select_metric
-    print(f"train: {result.steps} steps in {result.seconds:.0f}s; best epoch {result.best_epoch} "
-          f"({val_key(metric)} {result.best[metric]:.3f}) -> {args.checkpoint}")
+    kept = "the last" if metric == "last" else f"best by {val_key(metric)} ({result.best[metric]:.3f})"
+    print(f"train: {result.steps} steps in {result.seconds:.0f}s; kept epoch {result.best_epoch}, {kept} "
+          f"-> {args.checkpoint}")
 
 
 if __name__ == "__main__":

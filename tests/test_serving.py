@@ -1,5 +1,5 @@
 """What is served is what was evaluated: the `caption` CLI and the logged MLflow model decode as
-the decoding file that evaluate wrote says, with the same batched code."""
+the decoding file that evaluate wrote says, with the same batched code, for both decoders."""
 
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ from captioning.serving import log_pyfunc, model_name
 from captioning.text import Vocabulary
 
 SMALL = ModelParams(backbone="resnet18", image_size=32, embed_size=16, hidden_size=24, max_seq_len=9)
+ATTENTION = ModelParams(backbone="resnet18", image_size=64, embed_size=16, hidden_size=24, max_seq_len=9,
+                        decoder="attention", attention_size=8)  # a 2 x 2 grid
 BEAM = Decoding(beam_size=3, length_penalty=0.5, bf16=False)
 GREEDY = Decoding(beam_size=1, length_penalty=0.0, bf16=False)
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
+@pytest.fixture(scope="module", params=[SMALL, ATTENTION], ids=["lstm", "attention"])
+def trained(tiny_data, tmp_path_factory, request):
     """A checkpoint whose greedy and beam-3 captions differ, and the images that show it."""
     train = read_split(tiny_data, "train")
     vocab = Vocabulary.build([c for cs in train.captions.values() for c in cs], 1)
@@ -32,7 +34,7 @@ def trained(tiny_data, tmp_path_factory):
     cpu = torch.device("cpu")
     for seed in range(20):
         torch.manual_seed(seed)
-        model = Captioner.build(SMALL, len(vocab)).eval()
+        model = Captioner.build(request.param, len(vocab)).eval()
         with torch.no_grad():
             model.decoder.linear.weight *= 8  # sharper word choices: beam and greedy part ways
         greedy = caption_images(model, vocab, images, cpu, GREEDY, progress=False)
@@ -73,6 +75,31 @@ def test_cli_without_a_decoding_file_says_which_stage_writes_it(trained, tmp_pat
     (tmp_path / "checkpoint.pt").write_bytes((folder / "checkpoint.pt").read_bytes())
     with pytest.raises(SystemExit, match=r"decoding\.json: no decoding settings; run the evaluate stage"):
         main([str(images[0]), "--checkpoint", str(tmp_path / "checkpoint.pt")])
+
+
+def test_cli_attention_figures_show_the_caption_word_by_word(trained, tmp_path, capsys):
+    from PIL import Image
+
+    folder, images, expected = trained
+    BEAM.save(folder / "decoding.json")
+    longest = sorted(range(len(images)), key=lambda i: -len(expected[3][i].split()))[:2]
+    chosen, captions = [images[i] for i in longest], [expected[3][i] for i in longest]
+    assert len(captions[1].split()) >= 2
+    args = [*map(str, chosen), "--checkpoint", str(folder / "checkpoint.pt"), "--attention", str(tmp_path / "att")]
+    if load_config(folder)["decoder"] == "attention":
+        assert _cli(capsys, *args) == captions
+        for image, caption in zip(chosen, captions):
+            figure = Image.open(tmp_path / "att" / f"{image.stem}.attention.png")
+            # one panel per word, and one for the <end> it stopped at (none if it ran out of steps)
+            sizes = [(160 * min(n, 6), (160 + 16) * -(-n // 6)) for n in (len(caption.split()), len(caption.split()) + 1)]
+            assert figure.size in sizes
+    else:
+        with pytest.raises(SystemExit, match="trained with model.decoder: lstm, which has no attention to show"):
+            main(args)
+
+
+def load_config(folder) -> dict:
+    return torch.load(folder / "checkpoint.pt", weights_only=True)["config"]
 
 
 @pytest.mark.parametrize("decoding", [GREEDY, BEAM])

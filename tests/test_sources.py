@@ -360,7 +360,13 @@ def test_seed_preset_parses_into_the_seeds_configuration(tmp_path):
     assert (m.embed_size, m.hidden_size, m.num_layers) == (256, 512, 1)
     assert (t.batch_size, t.lr, t.epochs, t.hflip, t.random_crop) == (128, 0.001, 5, True, True)
     assert (t.checkpoint_every, t.log_every, params.resize.side) == (1000, 10, 256)
+    # greedy, float32, IMAGENET1K_V1 (the seed's pretrained=True), the last epoch kept
+    assert (params.evaluate.beam_size, params.compute.bf16, m.weights_version) == (1, False, "IMAGENET1K_V1")
+    assert (t.select_metric, t.patience, m.decoder, m.max_seq_len) == ("last", 0, "lstm", 20)
     assert "-S model.pretrained=true" in flags(overrides) and "-S train.lr=0.001" in flags(overrides)
+    recipe = load_preset(REPO / "presets" / "coco.yaml", REPO / "params.yaml")[1]
+    assert (recipe.model.decoder, recipe.model.image_size, recipe.evaluate.beam_size) == ("attention", 224, 3)
+    assert (recipe.compute.bf16, recipe.train.select_metric, recipe.data.source) == (True, "cider", "coco2014")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lrr: 0.1\n")
     with pytest.raises(ParamsError, match="did you mean 'train.lr'"):

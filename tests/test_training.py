@@ -8,7 +8,7 @@ import torch
 from captioning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from captioning.datasets import read_split
 from captioning.model import Captioner
-from captioning.params import ComputeParams, ModelParams, TrainParams
+from captioning.params import ComputeParams, ModelParams, ParamsError, TrainParams
 from captioning.predict import Decoding, caption_images
 from captioning.synthetic import scene_scores
 from captioning.text import Vocabulary
@@ -79,6 +79,17 @@ def test_the_epoch_kept_has_the_lowest_val_loss_and_its_weights(tiny_data):
     model.load_state_dict(result.best_state)  # the weights kept are that epoch's, not the last
     data = training_data(vocab, train, val, MODEL.image_size, params)
     assert validate(model, data, torch.device("cpu"))["val_loss"] == pytest.approx(min(losses), rel=1e-6)
+
+
+def test_select_metric_last_keeps_the_last_epoch_as_the_seed_does(tiny_data):
+    train, val, vocab, model = _setup(tiny_data)
+    params = dataclasses.replace(TRAIN, epochs=6, lr=0.1, select_metric="last")  # val_loss is best at 5
+    result = _fit(model, vocab, train, val, params, Recorder())
+    assert result.best_epoch == 6 and result.best == result.history[-1]
+    final = model.state_dict()
+    assert all(torch.equal(value, final[key]) for key, value in result.best_state.items())
+    with pytest.raises(ParamsError, match="train.patience is 2, but train.select_metric last never improves"):
+        TrainParams(select_metric="last", patience=2).check()
 
 
 def test_resume_after_a_kill_ends_with_identical_weights(tiny_data, tmp_path):

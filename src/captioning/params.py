@@ -28,7 +28,8 @@ WEIGHTS_VERSIONS = ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DECODERS = ("lstm", "attention")
 # Validation metrics the best epoch may be selected by; all but val_loss are better when higher.
-SELECT_METRICS = ("cider", "bleu_4", "grounded", "strict", "val_loss")
+# "last" keeps the last epoch, as the seed does (it has no validation).
+SELECT_METRICS = ("cider", "bleu_4", "grounded", "strict", "val_loss", "last")
 LR_SCHEDULES = ("onecycle", "constant")
 CPU_ISAS = ("avx2", "native")
 # What the pipeline does with an image it cannot use: stop naming it, or skip it and report it.
@@ -189,6 +190,9 @@ class TrainParams:
     def check(self) -> None:
         _at_least("train.epochs", self.epochs, 1)
         _one_of("train.select_metric", self.select_metric, SELECT_METRICS)
+        if self.select_metric == "last" and self.patience:
+            raise ParamsError(f"train.patience is {self.patience}, but train.select_metric last never improves: "
+                              "set train.patience: 0, or pick a metric")
         _at_least("train.patience", self.patience, 0)
         _at_least("train.batch_size", self.batch_size, 1)
         _at_least("train.captions_per_image", self.captions_per_image, 0)

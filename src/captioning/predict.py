@@ -85,9 +85,14 @@ def attention_figures(model: Captioner, vocab: Vocabulary, paths: list[Path], ou
         ids = model.generate(image, vocab.end_id, beam_size=decoding.beam_size,
                              length_penalty=decoding.length_penalty, bf16=decoding.bf16)
         maps = model.attention_maps(image, ids)[0].cpu().numpy()  # (L, h, w)
-        # Step t predicts ids[t]: the panels are the words, from the first after <start> to <end>.
-        steps = [(t, vocab.words[i]) for t, i in enumerate(ids[0].tolist()) if t > 0]
-        steps = steps[: next((n + 1 for n, (_, w) in enumerate(steps) if w == vocab.words[vocab.end_id]), len(steps))]
+        # Step t predicts ids[t]: a panel per word the caption shows (as `Vocabulary.decode` reads
+        # the ids), then one for the <end> it stopped at.
+        steps = []
+        for t, i in enumerate(ids[0].tolist()):
+            if i not in (vocab.pad_id, vocab.start_id):
+                steps.append((t, vocab.words[i]))
+            if i == vocab.end_id:
+                break
         crop = Transform(side).crop(scale(picture, side))  # the region the network saw, at `side` px
         figure = attention_figure(Image.fromarray(crop.permute(1, 2, 0).numpy()), [w for _, w in steps],
                                   maps[[t for t, _ in steps]], side)

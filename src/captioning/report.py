@@ -63,7 +63,7 @@ def attention_figure(image: Image.Image, words: list[str], maps: np.ndarray, sid
     picture = np.asarray(image.convert("RGB").resize((side, side), Image.BICUBIC), dtype=np.float32)
     label = 16
     rows = max(1, -(-len(words) // per_row))
-    figure = Image.new("RGB", (per_row * side, rows * (side + label)), "white")
+    figure = Image.new("RGB", (max(1, min(len(words), per_row)) * side, rows * (side + label)), "white")
     draw = ImageDraw.Draw(figure)
     font = ImageFont.load_default()
     for n, (word, weights) in enumerate(zip(words, maps)):

@@ -115,9 +115,10 @@ class ResumeState:
     stale_epochs: int = 0  # epochs since the best one, for early stopping
 
     def keep_if_best(self, row: dict, model: nn.Module, metric: str) -> None:
-        """Make `row`'s epoch the kept one if its `metric` beats the best so far."""
+        """Make `row`'s epoch the kept one if its `metric` beats the best so far ("last": always)."""
         lower_is_better = metric == "val_loss"
-        if self.best is None or (row[metric] < self.best[metric] if lower_is_better else row[metric] > self.best[metric]):
+        if (self.best is None or metric == "last"
+                or (row[metric] < self.best[metric] if lower_is_better else row[metric] > self.best[metric])):
             self.best, self.best_epoch, self.stale_epochs = row, row["epoch"], 0
             self.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         else:
