@@ -13,10 +13,10 @@ import time
 import torch
 
 from captioning import accel, features
+from captioning.backbone import backbone_from_state, trunk
 from captioning.datasets import SPLITS, read_split
 from captioning.errors import run_stage
 from captioning.io import atomic_path
-from captioning.backbone import backbone_from_state, trunk
 from captioning.params import load_params
 
 PARAMS = ("seed", "features", "model.backbone", "model.image_size", "model.decoder", "model.train_backbone",

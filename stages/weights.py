@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 
 from captioning import imagenet, sources
-from captioning.errors import run_stage
 from captioning.backbone import load_weights
+from captioning.errors import run_stage
 from captioning.params import check_inputs, load_params
 
 PARAMS = ("model.backbone", "model.pretrained", "model.weights_path", "model.weights_version", "data.base_url",

@@ -12,9 +12,9 @@ import torch
 import torchvision
 
 from captioning import features
+from captioning.backbone import trunk
 from captioning.datasets import read_split
 from captioning.images import Transform, load_rgb
-from captioning.backbone import trunk
 from captioning.model import Captioner
 from captioning.params import ComputeParams, ModelParams, TrainParams
 from captioning.text import Vocabulary

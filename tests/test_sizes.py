@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 
 from captioning import features
 from captioning.accel import World
-from captioning.datasets import Split, read_split
 from captioning.backbone import resnet
+from captioning.datasets import Split, read_split
 from captioning.model import Captioner
 from captioning.params import ComputeParams, DataParams, ModelParams, TrainParams
 from captioning.predict import Decoding, caption_images

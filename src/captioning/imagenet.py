@@ -20,9 +20,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from captioning.backbone import WeightsError, file_sha256, hub_checkpoints
 from captioning.download import Archive, DownloadError, fetch
 from captioning.io import write_json_atomic
-from captioning.backbone import WeightsError, file_sha256, hub_checkpoints
 from captioning.params import ParamsError
 
 
