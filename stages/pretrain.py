@@ -7,10 +7,10 @@ import argparse
 import torch
 
 from captioning import accel
+from captioning.backbone import recorded_weights, resnet
 from captioning.datasets import read_split
 from captioning.errors import run_stage
 from captioning.io import atomic_path, write_json_atomic
-from captioning.backbone import recorded_weights, resnet
 from captioning.params import load_params
 from captioning.pretrain import build_concepts, pretrain_backbone
 
