@@ -220,7 +220,8 @@ def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, data: Trai
     epoch = state.epoch
     sampler = EpochBatchSampler(len(data.train), data.images_per_batch, seed, epoch, start=state.batch,
                                 rank=here.rank, world=here.size)
-    # Cached features are in memory already: worker processes would only add start-up and copies.
+    # Cached features are in memory (or, past 4 GiB, memory-mapped in the page cache): worker
+    # processes would only add start-up and copies.
     loader = DataLoader(data.train, batch_sampler=sampler, collate_fn=collate_captions,
                         num_workers=0 if data.cached else compute.num_workers, pin_memory=device.type == "cuda")
     total = state.batch + len(sampler)
