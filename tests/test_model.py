@@ -99,7 +99,7 @@ def test_doubly_stochastic_penalty_is_zero_for_an_even_share_and_grows_with_negl
     grid = torch.zeros(2, 4, 4)
     grid[:, 0, 0] = 10.0
     _, alphas = decoder.attend(grid, captions)
-    assert float(alphas[..., 0].min()) > 0.999
+    assert float(alphas[..., 0].min().detach()) > 0.999
     # Summed over the steps of each caption (4 and 2), cell 0 gets 4 and 2, the others 0, against
     # an even share of 1 and 0.5.
     expected = ((3 ** 2 + 3 * 1) + (1.5 ** 2 + 3 * 0.25)) / 8
