@@ -68,8 +68,8 @@ class ConceptTargets:
                         self.targets[n, index[concept]] += 1.0 / len(captions)
 
 
-# Images are decoded once and kept in memory, scaled, when they fit in this many bytes (16,000
-# images at 32 px: 66 MB); COCO at 224 px (22 GB) streams through DataLoader workers instead.
+# Images are decoded once and kept in memory, scaled, when they fit in this many bytes (8,000
+# images at 32 px: 33 MB); COCO at 224 px (22 GB) streams through DataLoader workers instead.
 IN_MEMORY_BYTES = 2 << 30
 
 
