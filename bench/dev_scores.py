@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -46,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from captioning import synthetic
 from captioning.datasets import Split, read_split
 from captioning.model import Captioner
-from captioning.params import load_params
+from captioning.params import Params, flatten, nest, parse_params
 from captioning.text import Vocabulary
 from captioning.training import fit, training_data
 
@@ -56,17 +55,11 @@ def prefix(split: Split, features: np.ndarray, start: int, stop: int) -> tuple[S
     return Split(images, {r["id"]: split.captions[r["id"]] for r in images}, split.images_dir), features[start:stop]
 
 
-def with_overrides(path: str, overrides: list[str]) -> dict:
-    """params.yaml with `-S section.key=value` overrides applied, as `dvc exp run -S` does."""
-    doc = yaml.safe_load(Path(path).read_text())
-    for override in overrides:
-        key, value = override.split("=", 1)
-        *sections, name = key.split(".")
-        target = doc
-        for section in sections:
-            target = target[section]
-        target[name] = yaml.safe_load(value)
-    return doc
+def with_overrides(path: str, overrides: list[str]) -> Params:
+    """params.yaml with `-S section.key=value` overrides applied, as `dvc exp run -S` does, checked."""
+    merged = flatten(yaml.safe_load(Path(path).read_text()))
+    merged.update((key, yaml.safe_load(value)) for key, value in (o.split("=", 1) for o in overrides))
+    return parse_params(nest(merged))
 
 
 class Quiet:
@@ -89,10 +82,7 @@ def main() -> None:
     parser.add_argument("--dev-images", type=int, default=1000)
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="section.key=value")
     args = parser.parse_args()
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as tmp:
-        yaml.safe_dump(with_overrides(args.params, args.overrides), tmp)
-        tmp.flush()
-        params = load_params(tmp.name)
+    params = with_overrides(args.params, args.overrides)
     torch.manual_seed(params.seed)
     vocab = Vocabulary.load(args.vocab)
     train, train_features = read_split(args.data, "train"), np.load(Path(args.features) / "train.npy")
