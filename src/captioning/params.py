@@ -44,7 +44,7 @@ class ParamsError(UserError, ValueError):
 class DataParams:
     source: str = "synthetic"
     # synthetic: images per split (other sources ignore these and take their own split sizes)
-    num_train: int = 8000
+    num_train: int = 12000
     num_val: int = 200
     num_test: int = 300
     min_side: int = 300  # pixels, shortest allowed side of a generated image (COCO-like)
@@ -144,7 +144,7 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class PretrainParams:
-    epochs: int = 18  # visual-concept epochs over the train images; 0 = keep model.pretrained's weights
+    epochs: int = 12  # visual-concept epochs over the train images; 0 = keep model.pretrained's weights
     batch_size: int = 128  # images per step
     lr: float = 0.004  # the peak rate under onecycle
     max_concepts: int = 1000  # most frequent caption words and word pairs to predict
@@ -172,7 +172,7 @@ class FeaturesParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = 34
+    epochs: int = 23
     batch_size: int = 128  # captions per step, as in the seed
     captions_per_image: int = 1  # captions drawn per image per epoch; 0 = all (CNN once per image)
     lr: float = 0.004
