@@ -100,7 +100,7 @@ def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], *,
     targets = ConceptTargets(split, records, concepts).targets
     backbone.fc = nn.Linear(backbone.fc.in_features, len(concepts))
     backbone = accel.channels_last(backbone.to(device), device).train()
-    optimizer = torch.optim.Adam(backbone.parameters(), lr=lr)
+    optimizer = accel.adam(backbone.parameters(), lr, device)
     criterion = nn.BCEWithLogitsLoss()
     steps_per_epoch = len(EpochBatchSampler(len(paths), batch_size, seed + 1, 0))
     # One cycle (warm up to `lr`, then anneal towards 0) trains a from-scratch CNN much further in

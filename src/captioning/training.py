@@ -182,7 +182,7 @@ def fit(model: Captioner, data: TrainingData, params: TrainParams, *, seed: int,
     if not data.cached:
         model.encoder.backbone = accel.channels_last(model.encoder.backbone, device)
     net = accel.maybe_compile(DistributedDataParallel(model) if here.size > 1 else model, params.compile)
-    optimizer = torch.optim.Adam(trainable_parameters(model), lr=params.lr)
+    optimizer = accel.adam(trainable_parameters(model), params.lr, device)
     resume = ResumeFile(resume_path, here)
     state = resume.load(model, optimizer)
     started = time.perf_counter() - state.seconds
