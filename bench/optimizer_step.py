@@ -70,8 +70,8 @@ def main() -> None:
         parameters, loss = make()
         times = {False: [], True: []}
         for _ in range(args.rounds):
-            for fused in times:
-                times[fused].append(seconds_per_step(parameters, loss, fused, args.steps))
+            for fused, seconds in times.items():
+                seconds.append(seconds_per_step(parameters, loss, fused, args.steps))
         loop, fused = statistics.median(times[False]), statistics.median(times[True])
         print(f"| {name} | {loop:.4f} | {fused:.4f} | {fused / loop:.2f}x |")
     print(f"\nmedian of {args.rounds} rounds of {args.steps} steps each")
