@@ -1,4 +1,4 @@
-"""Adam's per-tensor loop against its fused kernel, side by side on this CPU (accel.adam).
+"""Adam's per-tensor loop against its fused kernel, side by side on this CPU (optim.adam).
 
     python bench/optimizer_step.py           # ~1 minute on 2 cores
 

@@ -93,17 +93,19 @@ def test_select_metric_last_keeps_the_last_epoch_as_the_seed_does(tiny_data):
         TrainParams(select_metric="last", patience=2).check()
 
 
-def test_resume_after_a_kill_ends_with_identical_weights(tiny_data, tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "onecycle"])
+def test_resume_after_a_kill_ends_with_identical_weights(tiny_data, tmp_path, schedule):
+    params = dataclasses.replace(TRAIN, schedule=schedule)  # onecycle: the rate moves every step
     train, val, vocab, model = _setup(tiny_data)
-    straight = _fit(model, vocab, train, val, TRAIN, Recorder())
+    straight = _fit(model, vocab, train, val, params, Recorder())
 
     resume = tmp_path / "resume.pt"
     _, _, _, model = _setup(tiny_data)
     with pytest.raises(KeyboardInterrupt):  # killed mid-epoch 2, after the step-4 checkpoint
-        _fit(model, vocab, train, val, TRAIN, Recorder(stop_at=5), resume)
+        _fit(model, vocab, train, val, params, Recorder(stop_at=5), resume)
     assert resume.is_file()
     _, _, _, fresh = _setup(tiny_data)
-    resumed = _fit(fresh, vocab, train, val, TRAIN, Recorder(), resume)
+    resumed = _fit(fresh, vocab, train, val, params, Recorder(), resume)
     assert resumed.steps == straight.steps
     for key, value in straight.best_state.items():
         assert torch.equal(value, resumed.best_state[key]), key
@@ -179,12 +181,12 @@ def test_a_score_that_does_not_apply_is_absent_not_nan(tiny_data, tmp_path):
 
 
 def test_adam_is_fused_on_cpu_with_the_loops_update():
-    from captioning import accel
+    from captioning.optim import adam
 
     torch.manual_seed(0)
     fused_net = torch.nn.Linear(8, 4)
     loop_net, start = copy.deepcopy(fused_net), copy.deepcopy(fused_net)
-    fused = accel.adam(fused_net.parameters(), 0.01, torch.device("cpu"))
+    fused = adam(fused_net.parameters(), 0.01, torch.device("cpu"))
     loop = torch.optim.Adam(loop_net.parameters(), lr=0.01, foreach=False)
     assert fused.defaults["fused"] and not loop.defaults["fused"]
     for _ in range(5):

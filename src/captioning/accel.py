@@ -86,13 +86,6 @@ def channels_last(tensor_or_module, device: torch.device):
     return tensor_or_module
 
 
-def adam(parameters, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam, fused into one kernel on CPU and CUDA: the same update as the default per-tensor
-    loop, without its ~60 small ops per parameter group. On 2 CPU cores it takes a ResNet-18
-    step at 32 px from 0.215 to 0.190 s (bench/optimizer_step.py)."""
-    return torch.optim.Adam(parameters, lr=lr, fused=device.type in ("cpu", "cuda"))
-
-
 def maybe_compile(module: nn.Module, enabled: bool) -> nn.Module:
     """torch.compile when asked: the first steps pay a compile of tens of seconds, so it is a param."""
     return torch.compile(module) if enabled else module

@@ -176,6 +176,7 @@ class TrainParams:
     batch_size: int = 128  # captions per step, as in the seed
     captions_per_image: int = 1  # captions drawn per image per epoch; 0 = all (CNN once per image)
     lr: float = 0.004
+    schedule: str = "constant"  # learning rate: constant (the seed's) | onecycle (as pretrain.schedule)
     log_every: int = 10  # steps between loss/perplexity logs
     checkpoint_every: int = 200  # steps between resume checkpoints
     hflip: bool = False  # horizontal flip augmentation; it swaps "left of"/"right of"
@@ -197,6 +198,7 @@ class TrainParams:
         _at_least("train.batch_size", self.batch_size, 1)
         _at_least("train.captions_per_image", self.captions_per_image, 0)
         _positive("train.lr", self.lr)
+        _one_of("train.schedule", self.schedule, LR_SCHEDULES)
         _at_least("train.attention_reg", self.attention_reg, 0)
         _at_least("train.log_every", self.log_every, 1)
         _at_least("train.checkpoint_every", self.checkpoint_every, 1)

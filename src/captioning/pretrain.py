@@ -24,6 +24,7 @@ from captioning import accel
 from captioning.data import EpochBatchSampler, ImageDataset, load_scaled
 from captioning.datasets import Split
 from captioning.images import Transform, normalize, scaled_side
+from captioning.optim import adam, lr_schedule
 from captioning.text import tokenize
 
 
@@ -100,14 +101,10 @@ def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], *,
     targets = ConceptTargets(split, records, concepts).targets
     backbone.fc = nn.Linear(backbone.fc.in_features, len(concepts))
     backbone = accel.channels_last(backbone.to(device), device).train()
-    optimizer = accel.adam(backbone.parameters(), lr, device)
+    optimizer = adam(backbone.parameters(), lr, device)
     criterion = nn.BCEWithLogitsLoss()
     steps_per_epoch = len(EpochBatchSampler(len(paths), batch_size, seed + 1, 0))
-    # One cycle (warm up to `lr`, then anneal towards 0) trains a from-scratch CNN much further in
-    # a short budget than a constant rate (Smith & Topin 2017, "super-convergence").
-    scheduler = (torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch),
-                                                     pct_start=0.25)
-                 if schedule == "onecycle" else None)
+    scheduler = lr_schedule(optimizer, schedule, lr, epochs * steps_per_epoch)
     started, step, last = time.perf_counter(), 0, torch.tensor(math.nan)
     for epoch in range(epochs):
         sampler = EpochBatchSampler(len(paths), batch_size, seed + 1, epoch)

@@ -37,6 +37,7 @@ from captioning.images import Transform
 from captioning.io import atomic_path
 from captioning.metrics import quick_scores
 from captioning.model import Captioner
+from captioning.optim import adam, lr_schedule
 from captioning.params import ComputeParams, ParamsError, TrainParams
 from captioning.text import Vocabulary
 
@@ -182,9 +183,12 @@ def fit(model: Captioner, data: TrainingData, params: TrainParams, *, seed: int,
     if not data.cached:
         model.encoder.backbone = accel.channels_last(model.encoder.backbone, device)
     net = accel.maybe_compile(DistributedDataParallel(model) if here.size > 1 else model, params.compile)
-    optimizer = accel.adam(trainable_parameters(model), params.lr, device)
+    optimizer = adam(trainable_parameters(model), params.lr, device)
     resume = ResumeFile(resume_path, here)
     state = resume.load(model, optimizer)
+    steps_per_epoch = len(EpochBatchSampler(len(data.train), data.images_per_batch, seed, 0, rank=here.rank,
+                                            world=here.size))
+    scheduler = lr_schedule(optimizer, params.schedule, params.lr, params.epochs * steps_per_epoch, state.step)
     started = time.perf_counter() - state.seconds
 
     def checkpoint() -> None:
@@ -192,7 +196,8 @@ def fit(model: Captioner, data: TrainingData, params: TrainParams, *, seed: int,
         resume.save(model, optimizer, state)
 
     while state.epoch < params.epochs:
-        train_one_epoch(net, optimizer, data, params, seed, state, device, compute, here, callbacks, checkpoint)
+        train_one_epoch(net, optimizer, scheduler, data, params, seed, state, device, compute, here, callbacks,
+                        checkpoint)
         if here.size > 1:  # BatchNorm running statistics drift apart per process: use rank 0's
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, 0)
@@ -212,9 +217,9 @@ def fit(model: Captioner, data: TrainingData, params: TrainParams, *, seed: int,
                      seconds=time.perf_counter() - started)
 
 
-def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, data: TrainingData, params: TrainParams,
-                    seed: int, state: ResumeState, device: torch.device, compute: ComputeParams, here: World,
-                    callbacks: Callbacks, checkpoint: Callable[[], None]) -> None:
+def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: TrainingData,
+                    params: TrainParams, seed: int, state: ResumeState, device: torch.device, compute: ComputeParams,
+                    here: World, callbacks: Callbacks, checkpoint: Callable[[], None]) -> None:
     """Train the rest of epoch `state.epoch` (all of it, or what is left after a resume),
     advancing `state` batch by batch and calling `checkpoint` every `params.checkpoint_every` steps."""
     epoch = state.epoch
@@ -241,6 +246,8 @@ def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, data: Trai
         optimizer.zero_grad(set_to_none=True)
         (loss if penalty is None else loss + params.attention_reg * penalty.float()).backward()
         optimizer.step()
+        if scheduler is not None:  # train.schedule onecycle (optim.lr_schedule)
+            scheduler.step()
         state.batch += 1
         state.step += 1
         epoch_loss += loss.detach()

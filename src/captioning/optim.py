@@ -1,0 +1,35 @@
+"""The optimizer and its learning-rate schedule, one spelling for pretrain and train."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+def adam(parameters, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam, fused into one kernel on CPU and CUDA: the same update as the default per-tensor
+    loop, without its ~60 small ops per parameter group. On 2 CPU cores it takes a ResNet-18
+    step at 32 px from 0.215 to 0.190 s (bench/optimizer_step.py)."""
+    return torch.optim.Adam(parameters, lr=lr, fused=device.type in ("cpu", "cuda"))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, schedule: str, peak: float, total_steps: int,
+                done_steps: int = 0) -> torch.optim.lr_scheduler.OneCycleLR | None:
+    """`onecycle`: warm up to `peak` over the first quarter of `total_steps`, then anneal towards 0
+    (Smith & Topin 2017, "super-convergence": a short budget trains much further than at a constant
+    rate); `constant`: None, the optimizer keeps `peak`. Call `.step()` after each optimizer step.
+
+    The rate (and Adam's beta1, which one-cycle moves against it) is a function of the step alone,
+    so a run resumed after `done_steps` continues on the same curve without saving the scheduler.
+    """
+    if schedule == "constant":
+        return None
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=max(1, total_steps),
+                                                    pct_start=0.25)
+    if done_steps:
+        scheduler.last_epoch = done_steps - 1
+        with warnings.catch_warnings():  # "step() before optimizer.step()": here it only moves to the step
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
+    return scheduler
