@@ -358,7 +358,8 @@ def test_seed_preset_parses_into_the_seeds_configuration(tmp_path):
     assert params.data.source == "coco2014" and params.vocab.threshold == 4 and params.pretrain.epochs == 0
     assert (m.backbone, m.pretrained, m.train_backbone, m.image_size) == ("resnet152", True, False, 224)
     assert (m.embed_size, m.hidden_size, m.num_layers) == (256, 512, 1)
-    assert (t.batch_size, t.lr, t.epochs, t.hflip, t.random_crop) == (128, 0.001, 5, True, True)
+    assert (t.batch_size, t.lr, t.schedule, t.epochs, t.hflip, t.random_crop) == (128, 0.001, "constant", 5, True,
+                                                                                 True)
     assert (t.checkpoint_every, t.log_every, params.resize.side) == (1000, 10, 256)
     # greedy, float32, IMAGENET1K_V1 (the seed's pretrained=True), the last epoch kept
     assert (params.evaluate.beam_size, params.compute.bf16, m.weights_version) == (1, False, "IMAGENET1K_V1")

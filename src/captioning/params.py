@@ -144,7 +144,7 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class PretrainParams:
-    epochs: int = 12  # visual-concept epochs over the train images; 0 = keep model.pretrained's weights
+    epochs: int = 14  # visual-concept epochs over the train images; 0 = keep model.pretrained's weights
     batch_size: int = 128  # images per step
     lr: float = 0.004  # the peak rate under onecycle
     max_concepts: int = 1000  # most frequent caption words and word pairs to predict
@@ -176,7 +176,7 @@ class TrainParams:
     batch_size: int = 128  # captions per step, as in the seed
     captions_per_image: int = 1  # captions drawn per image per epoch; 0 = all (CNN once per image)
     lr: float = 0.004
-    schedule: str = "constant"  # learning rate: constant (the seed's) | onecycle (as pretrain.schedule)
+    schedule: str = "onecycle"  # learning rate: onecycle (as pretrain.schedule) | constant (the seed's)
     log_every: int = 10  # steps between loss/perplexity logs
     checkpoint_every: int = 200  # steps between resume checkpoints
     hflip: bool = False  # horizontal flip augmentation; it swaps "left of"/"right of"
