@@ -198,3 +198,26 @@ def test_adam_is_fused_on_cpu_with_the_loops_update():
     for a, b, before in zip(fused_net.parameters(), loop_net.parameters(), start.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert (a - before).abs().min() > 1e-3  # every weight moved: five real steps
+
+
+def test_onecycle_warms_up_anneals_and_resumes_on_the_same_curve():
+    from captioning.optim import adam, lr_schedule
+
+    def curve(done: int, steps: int) -> list[tuple[float, float]]:
+        optimizer = adam(torch.nn.Linear(2, 2).parameters(), 0.004, torch.device("cpu"))
+        scheduler = lr_schedule(optimizer, "onecycle", 0.004, 40, done_steps=done)
+        points = []
+        for _ in range(steps):
+            group = optimizer.param_groups[0]
+            points.append((group["lr"], group["betas"][0]))
+            optimizer.step()
+            scheduler.step()
+        return points
+
+    straight = curve(0, 40)
+    rates = [lr for lr, _ in straight]
+    assert rates[0] == pytest.approx(0.004 / 25) and max(rates) == pytest.approx(0.004)
+    assert rates.index(max(rates)) == 9 and rates[-1] < 1e-5  # peak after a quarter, then annealed
+    assert curve(17, 23) == straight[17:]  # a resumed run continues exactly where it stopped
+    optimizer = adam(torch.nn.Linear(2, 2).parameters(), 0.004, torch.device("cpu"))
+    assert lr_schedule(optimizer, "constant", 0.004, 40) is None and optimizer.param_groups[0]["lr"] == 0.004
