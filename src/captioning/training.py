@@ -217,7 +217,8 @@ def fit(model: Captioner, data: TrainingData, params: TrainParams, *, seed: int,
                      seconds=time.perf_counter() - started)
 
 
-def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: TrainingData,
+def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, data: TrainingData,
                     params: TrainParams, seed: int, state: ResumeState, device: torch.device, compute: ComputeParams,
                     here: World, callbacks: Callbacks, checkpoint: Callable[[], None]) -> None:
     """Train the rest of epoch `state.epoch` (all of it, or what is left after a resume),
