@@ -146,8 +146,11 @@ def test_an_interrupted_download_says_to_run_again_and_keeps_what_it_has(tmp_pat
             {n: {"size": a.size, "checksum": a.checksum} for n, a in server.table().items() if n in server.files}))
         first = "caption_datasets.zip"
         server.cut_after[first] = 1000  # some bytes arrive, then the connection drops
+        # A shell without job control starts background jobs with SIGINT ignored, and Python then
+        # never raises KeyboardInterrupt: give the stage the default, as a terminal's Ctrl-C finds it.
         proc = subprocess.Popen([sys.executable, str(REPO / "stages" / "download.py"), *STAGES["download"]],
-                                cwd=work, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=work, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 120
         while not any(p.stat().st_size == 1000 for p in (work / "data" / "downloads").rglob(f"{first}.part")):
             assert proc.poll() is None and time.monotonic() < deadline
