@@ -22,9 +22,52 @@ import sys
 import time
 
 
-def child(isa: str, steps: int) -> dict:
+def pretrain_loop():
+    """The pretrain step's model and loss: ResNet-18, 128 images of 32 px, 165 concept targets."""
     import torch
     import torchvision
+    from torch import nn
+
+    cnn = torchvision.models.resnet18(num_classes=165)
+    images, targets = torch.randn(128, 3, 32, 32), torch.rand(128, 165).round()
+    return list(cnn.parameters()), lambda: nn.functional.binary_cross_entropy_with_logits(cnn(images), targets)
+
+
+def decoder_loop():
+    """The decoder step's: embed 128, LSTM 256, vocab 60, 128 packed captions of 8-15 tokens."""
+    import torch
+    from torch import nn
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    embed, rnn, head = nn.Embedding(60, 128), nn.LSTM(128, 256, batch_first=True), nn.Linear(256, 60)
+    lengths = torch.randint(8, 16, (128,)).sort(descending=True).values
+    words = torch.randint(0, 60, (128, int(lengths[0])))
+
+    def loss():
+        logits = head(rnn(pack_padded_sequence(embed(words), lengths, batch_first=True))[0].data)
+        return nn.functional.cross_entropy(logits, torch.randint(0, 60, (logits.size(0),)))
+
+    return [*embed.parameters(), *rnn.parameters(), *head.parameters()], loss
+
+
+def seconds_per_step(loss, optimizer, steps: int) -> float:
+    """Mean seconds of forward + backward + `optimizer` step, after one warm-up step (kernel
+    selection, allocator, optimizer state)."""
+    def step():
+        value = loss()
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+
+    step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - started) / steps
+
+
+def child(isa: str, steps: int) -> dict:
+    import torch
     from torch import nn
     from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -40,37 +83,10 @@ def child(isa: str, steps: int) -> dict:
                 "packed LSTM": lstm(pack_padded_sequence(seq, torch.full((16,), 20), batch_first=True))[0].data}
     bits = {k: hashlib.md5(v.numpy().tobytes()).hexdigest()[:10] for k, v in outs.items()}
 
-    cnn = torchvision.models.resnet18(num_classes=165)
-    opt = torch.optim.Adam(cnn.parameters(), 1e-3)
-    images, targets = torch.randn(128, 3, 32, 32), torch.rand(128, 165).round()
-
-    def pretrain_step():
-        loss = nn.functional.binary_cross_entropy_with_logits(cnn(images), targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    embed, rnn, head = nn.Embedding(60, 128), nn.LSTM(128, 256, batch_first=True), nn.Linear(256, 60)
-    params = [*embed.parameters(), *rnn.parameters(), *head.parameters()]
-    opt2 = torch.optim.Adam(params, 1e-3)
-    lengths = torch.randint(8, 16, (128,)).sort(descending=True).values
-    words = torch.randint(0, 60, (128, int(lengths[0])))
-
-    def decoder_step():
-        packed = pack_padded_sequence(embed(words), lengths, batch_first=True)
-        logits = head(rnn(packed)[0].data)
-        loss = nn.functional.cross_entropy(logits, torch.randint(0, 60, (logits.size(0),)))
-        opt2.zero_grad()
-        loss.backward()
-        opt2.step()
-
     times = {}
-    for name, step in (("pretrain step", pretrain_step), ("decoder step", decoder_step)):
-        step()  # warm-up: kernel selection, allocator
-        started = time.perf_counter()
-        for _ in range(steps):
-            step()
-        times[name] = (time.perf_counter() - started) / steps
+    for name, make in (("pretrain step", pretrain_loop), ("decoder step", decoder_loop)):
+        parameters, loss = make()
+        times[name] = seconds_per_step(loss, torch.optim.Adam(parameters, 1e-3), steps)
     return {"capability": torch.backends.cpu.get_cpu_capability(), "bits": bits, "seconds": times}
 
 
