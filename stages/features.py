@@ -13,14 +13,14 @@ import time
 import torch
 
 from captioning import accel, features
-from captioning.backbone import backbone_from_state, trunk
+from captioning.backbone import backbone_from_state, grid_trunk, trunk
 from captioning.datasets import SPLITS, read_split
 from captioning.errors import run_stage
 from captioning.io import atomic_path
 from captioning.params import load_params
 
-PARAMS = ("seed", "features", "model.backbone", "model.image_size", "model.decoder", "model.train_backbone",
-          "train.hflip", "compute")
+PARAMS = ("seed", "features", "model.backbone", "model.image_size", "model.decoder", "model.grid_layer",
+          "model.train_backbone", "train.hflip", "compute")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -35,8 +35,9 @@ def main(args: argparse.Namespace) -> None:
             return
         state = torch.load(args.backbone, map_location="cpu", weights_only=True)
         grid = params.model.decoder == "attention"
-        cnn = trunk(backbone_from_state(params.model, state))
-        cnn = cnn[:-1] if grid else cnn  # the grid comes before the average pool, as in model.Encoder
+        backbone = backbone_from_state(params.model, state)
+        # as in model.Encoder: the grid is the map of model.grid_layer, else the pooled vector
+        cnn = grid_trunk(backbone, params.model.grid_layer) if grid else trunk(backbone)
         settings = params.features
         total = 0
         for split in SPLITS:
@@ -48,11 +49,13 @@ def main(args: argparse.Namespace) -> None:
                 batch_size=settings.batch_size, num_workers=params.compute.num_workers, bf16=params.compute.bf16,
                 grid=grid, desc=f"features {split}")
             meta = {"backbone": params.model.backbone, "image_size": params.model.image_size}
-            features.write(tmp, split, [r["id"] for r in data.images], chunks, {**meta, "grid": True} if grid else meta)
+            if grid:
+                meta.update(grid=True, grid_layer=params.model.grid_layer)
+            features.write(tmp, split, [r["id"] for r in data.images], chunks, meta)
             total += len(data.images) * views
     seconds = time.perf_counter() - started
     print(f"features: {total} crops through {params.model.backbone} at {params.model.image_size}px "
-          f"({'grids' if grid else 'pooled'}) "
+          f"({'grids of ' + params.model.grid_layer if grid else 'pooled'}) "
           f"in {seconds:.1f}s ({total / seconds:.0f} img/s) -> {args.out}")
 
 

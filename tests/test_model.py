@@ -48,7 +48,47 @@ def test_frozen_backbone_stays_in_eval_mode_and_gets_no_gradient():
 
 
 
-ATTENTION = ModelParams(**{**SMALL.__dict__, "decoder": "attention", "attention_size": 8, "image_size": 96})
+ATTENTION = ModelParams(**{**SMALL.__dict__, "decoder": "attention", "attention_size": 8, "image_size": 96,
+                           "grid_layer": "layer4"})
+
+
+def test_the_grid_is_the_map_of_model_grid_layer_with_the_weights_named_as_in_the_whole_cnn():
+    torch.manual_seed(0)
+    full = Captioner.build(ATTENTION, vocab_size=11)  # layer4: at 32 px one cell
+    model = Captioner.build(ModelParams(**{**ATTENTION.__dict__, "grid_layer": "layer3"}), vocab_size=11)
+    model.encoder.backbone.load_state_dict(full.encoder.backbone.state_dict(), strict=False)
+    images = torch.randn(2, 3, 32, 32)
+    assert full.encoder(images).shape == (2, 1, 512)
+    grid = model.encoder(images)
+    assert grid.shape == (2, 4, 256) and model.decoder.key.in_features == 256  # 32 px / 16: 2 x 2 cells of layer3
+    feature_map = full.encoder.backbone[:-1](images)  # the same weights, stopped after layer3
+    assert torch.equal(grid[:, 2 * 1 + 0], feature_map[:, :, 1, 0])
+    names = set(model.encoder.backbone.state_dict())
+    assert names < set(full.encoder.backbone.state_dict()) and not any(n.startswith("7.") for n in names)
+    # A checkpoint's config from before model.grid_layer existed attended over layer4.
+    old = {k: v for k, v in full.config.items() if k != "grid_layer"}
+    assert Captioner(old).encoder.feature_size == 512
+
+
+def test_attention_training_runs_each_caption_only_for_its_own_steps_and_loses_nothing():
+    """The packed forward (each step only the captions still going) gives the logits and the
+    regulariser of running every caption to the longest and dropping the padding after."""
+    torch.manual_seed(0)
+    decoder = AttentionDecoder(6, 5, 8, 4, 11, 9)
+    grid = torch.randn(4, 3, 6)
+    lengths = torch.tensor([6, 4, 4, 2])
+    captions = torch.randint(3, 11, (4, 6)) * (torch.arange(6) < lengths.unsqueeze(1))  # padded with 0
+    with torch.no_grad():
+        logits, penalty = decoder(grid, captions, lengths)
+        padded, alphas = decoder.attend(grid, captions)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(padded, lengths, batch_first=True).data
+    assert torch.allclose(logits, packed, atol=1e-6)
+    per_cell = (alphas * (torch.arange(6) < lengths.unsqueeze(1)).unsqueeze(2)).sum(1)  # (N, P) over real steps
+    assert float(penalty) == pytest.approx(float(((per_cell - lengths.unsqueeze(1) / 3) ** 2).mean()), rel=1e-5)
+    # What a padded step would compute never reaches the loss.
+    other = captions.clone()
+    other[3, 2:] = 7
+    assert torch.equal(decoder(grid, other, lengths)[0].detach(), logits)
 
 
 def test_attention_encoder_hands_over_the_grid_and_the_decoder_reads_it_every_word():

@@ -42,6 +42,7 @@ def test_unknown_section_is_rejected():
     ({"evaluate": {"length_penalty": -0.5}}, r"evaluate\.length_penalty must be between 0 and 2"),
     ({"evaluate": {"length_penalty": float("nan")}}, r"evaluate\.length_penalty must be between 0 and 2"),
     ({"model": {"decoder": "transformer"}}, r"model\.decoder must be one of lstm, attention"),
+    ({"model": {"grid_layer": "layer2"}}, r"model\.grid_layer must be one of layer3, layer4"),
     ({"model": {"decoder": "attention", "num_layers": 2}}, r"model\.num_layers is 2, but the attention decoder is one"),
     ({"train": {"attention_reg": -1}}, r"train\.attention_reg must be >= 0"),
     ({"train": {"select_metric": "last", "patience": 3}}, r"train\.patience is 3, but train\.select_metric last"),

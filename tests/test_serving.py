@@ -19,8 +19,8 @@ from captioning.serving import log_pyfunc, model_name
 from captioning.text import Vocabulary
 
 SMALL = ModelParams(backbone="resnet18", image_size=32, embed_size=16, hidden_size=24, max_seq_len=9)
-ATTENTION = ModelParams(backbone="resnet18", image_size=64, embed_size=16, hidden_size=24, max_seq_len=9,
-                        decoder="attention", attention_size=8)  # a 2 x 2 grid
+ATTENTION = ModelParams(backbone="resnet18", image_size=32, embed_size=16, hidden_size=24, max_seq_len=9,
+                        decoder="attention", attention_size=8)  # a 2 x 2 grid of layer3
 BEAM = Decoding(beam_size=3, length_penalty=0.5, bf16=False)
 GREEDY = Decoding(beam_size=1, length_penalty=0.0, bf16=False)
 

@@ -366,7 +366,8 @@ def test_seed_preset_parses_into_the_seeds_configuration(tmp_path):
     assert (t.select_metric, t.patience, m.decoder, m.max_seq_len) == ("last", 0, "lstm", 20)
     assert "-S model.pretrained=true" in flags(overrides) and "-S train.lr=0.001" in flags(overrides)
     recipe = load_preset(REPO / "presets" / "coco.yaml", REPO / "params.yaml")[1]
-    assert (recipe.model.decoder, recipe.model.image_size, recipe.evaluate.beam_size) == ("attention", 224, 3)
+    assert (recipe.model.decoder, recipe.model.grid_layer, recipe.model.image_size) == ("attention", "layer4", 224)
+    assert recipe.evaluate.beam_size == 3
     assert (recipe.compute.bf16, recipe.train.select_metric, recipe.data.source) == (True, "cider", "coco2014")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lrr: 0.1\n")

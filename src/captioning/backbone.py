@@ -98,3 +98,16 @@ def backbone_from_state(params: ModelParams, state: dict) -> nn.Module:
 def trunk(backbone: nn.Module) -> nn.Sequential:
     """A torchvision ResNet without its fc layer: images (B, 3, H, W) -> pooled (B, F, 1, 1)."""
     return nn.Sequential(*list(backbone.children())[:-1])
+
+
+def grid_trunk(backbone: nn.Module, layer: str) -> nn.Sequential:
+    """The trunk up to and including `layer` (`model.grid_layer`): images (B, 3, H, W) -> the
+    feature map whose cells the attention decoder reads, (B, C, H/16, W/16) for layer3 and
+    (B, C, H/32, W/32) for layer4. The layers keep `trunk`'s indices, so the weights keep their names."""
+    names = [name for name, _ in backbone.named_children()]
+    return trunk(backbone)[: names.index(layer) + 1]
+
+
+def channels(backbone: nn.Module, layer: str) -> int:
+    """C of `layer`'s output: the width of a grid cell (resnet18: 256 for layer3, 512 for layer4)."""
+    return [m for m in getattr(backbone, layer)[-1].modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features

@@ -2,8 +2,9 @@
 
 Encoder: a torchvision ResNet without its fc layer (`captioning.backbone`). With the seed's LSTM
 decoder (`model.decoder: lstm`) it ends in the average pool, then Linear + BatchNorm1d to
-`embed_size`; with attention it stops before the pool and hands the decoder the spatial grid
-(B, P, F), one F-vector per cell of the last feature map (P = (image_size / 32) ** 2).
+`embed_size`; with attention it stops after the stage `model.grid_layer` and hands the decoder
+that feature map as a grid (B, P, F), one F-vector per cell: P = (image_size / 16) ** 2 for
+layer3, (image_size / 32) ** 2 for layer4, the last.
 
 Decoders:
 - `Decoder`, the seed's: Embedding, LSTM, Linear; the image feature is the LSTM's first input
@@ -26,22 +27,24 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from captioning import accel
-from captioning.backbone import backbone_from_state, resnet, trunk
+from captioning.backbone import backbone_from_state, channels, grid_trunk, resnet, trunk
 from captioning.params import ModelParams
 
 
 class Encoder(nn.Module):
-    """The CNN, then (LSTM decoder) Linear + BatchNorm1d of its pooled output, or (attention) its
-    spatial grid as it is: the attention decoder projects the grid itself."""
+    """The CNN, then (LSTM decoder) Linear + BatchNorm1d of its pooled output, or (attention,
+    `grid_layer` set) the feature map of that stage as it is: the attention decoder projects the
+    grid itself."""
 
-    def __init__(self, backbone: nn.Module, embed_size: int, train_backbone: bool, grid: bool = False):
+    def __init__(self, backbone: nn.Module, embed_size: int, train_backbone: bool, grid_layer: str | None = None):
         super().__init__()
-        self.feature_size = backbone.fc.in_features
-        self.grid = grid
-        # With the grid, the trunk without its average pool: the layers keep their indices, so the
-        # weights have the same names either way.
-        self.backbone = trunk(backbone)[:-1] if grid else trunk(backbone)
-        if not grid:
+        self.grid = grid_layer is not None
+        if self.grid:
+            self.feature_size = channels(backbone, grid_layer)
+            self.backbone = grid_trunk(backbone, grid_layer)  # the weights keep their names either way
+        else:
+            self.feature_size = backbone.fc.in_features
+            self.backbone = trunk(backbone)
             self.linear = nn.Linear(self.feature_size, embed_size)
             self.batch_norm = nn.BatchNorm1d(embed_size, momentum=0.01)
         self.train_backbone = train_backbone
@@ -243,13 +246,22 @@ class AttentionDecoder(Decoding):
         h, c = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))
         return grid, self.key(grid), h, c, None
 
-    def step(self, state, tokens: torch.Tensor | None):
-        grid, keys, h, c, _ = state
+    def advance(self, grid: torch.Tensor, keys: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
+                words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of the cell: h scores the cells, the gated context is read beside `words` (the
+        previous word's embedding) -> the new h, c and this step's weights alpha (N, P)."""
         scores = self.score(torch.tanh(keys + self.query(h).unsqueeze(1))).squeeze(2)  # (N, P)
         alpha = scores.softmax(1)
         context = torch.sigmoid(self.gate(h)) * (alpha.unsqueeze(2) * grid).sum(1)  # (N, F)
-        words = self.embedding(tokens) if tokens is not None else h.new_zeros(h.size(0), self.embedding.embedding_dim)
         h, c = self.cell(torch.cat((words, context), 1), (h, c))
+        return h, c, alpha
+
+    def no_word(self, h: torch.Tensor) -> torch.Tensor:
+        return h.new_zeros(h.size(0), self.embedding.embedding_dim)  # step 0's input: no previous word
+
+    def step(self, state, tokens: torch.Tensor | None):
+        grid, keys, h, c, _ = state
+        h, c, alpha = self.advance(grid, keys, h, c, self.no_word(h) if tokens is None else self.embedding(tokens))
         return self.linear(h), (grid, keys, h, c, alpha)
 
     def reorder(self, state, rows: torch.Tensor):
@@ -260,7 +272,7 @@ class AttentionDecoder(Decoding):
 
     def attend(self, grid: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing over whole captions: (N, L, V) logits and (N, L, P) attention weights,
-        step t predicting captions[:, t] from captions[:, t - 1]."""
+        step t predicting captions[:, t] from captions[:, t - 1] (for `Captioner.attention_maps`)."""
         state, logits, alphas = self.start(grid), [], []
         for t in range(captions.size(1)):
             out, state = self.step(state, captions[:, t - 1] if t else None)
@@ -273,17 +285,27 @@ class AttentionDecoder(Decoding):
         """Teacher-forced logits of the packed targets (as `Decoder.forward`) and the doubly
         stochastic regulariser.
 
+        As the LSTM decoder's packed sequence does, step t runs only the captions still going
+        (lengths sorted descending: the first `batch_sizes[t]` rows), so padding costs nothing:
+        synthetic captions average 12 tokens in batches whose longest has ~22, and running every
+        row to the longest made a training step 1.6x slower (docs/results.md). The hidden states of
+        step after step, so trimmed, are the targets' packed order, and the output layer runs once.
+
         Softmax makes each step's weights sum to 1 over the cells; the regulariser asks the
         weights of each cell, summed over the caption's steps, to come near tau, so that every
         part of the image gets attention in some word. Xu et al. suggest tau >= L/P; tau = L/P
         (an even share) makes it 0 for a one-cell grid and independent of caption length.
         """
-        logits, alphas = self.attend(grid, captions)
-        packed = pack_padded_sequence(logits, lengths.cpu(), batch_first=True).data
-        mask = (torch.arange(captions.size(1), device=captions.device) < lengths.to(captions.device).unsqueeze(1))
-        per_cell = (alphas * mask.unsqueeze(2)).sum(1)  # (N, P)
+        batch_sizes = pack_padded_sequence(captions, lengths.cpu(), batch_first=True).batch_sizes.tolist()
+        words = self.embedding(captions)  # (N, L, E): all steps' inputs at once
+        _, keys, h, c, _ = self.start(grid)
+        hiddens, per_cell = [], grid.new_zeros(grid.shape[:2])  # (N, P): each cell's weight summed over steps
+        for t, n in enumerate(batch_sizes):
+            h, c, alpha = self.advance(grid[:n], keys[:n], h[:n], c[:n], words[:n, t - 1] if t else self.no_word(h[:n]))
+            hiddens.append(h)
+            per_cell = per_cell + nn.functional.pad(alpha, (0, 0, 0, grid.size(0) - n))
         tau = lengths.to(per_cell).unsqueeze(1) / per_cell.size(1)  # (N, 1)
-        return packed, ((per_cell - tau) ** 2).mean()
+        return self.linear(torch.cat(hiddens)), ((per_cell - tau) ** 2).mean()
 
 
 class Captioner(nn.Module):
@@ -291,12 +313,14 @@ class Captioner(nn.Module):
 
     def __init__(self, config: dict, backbone: nn.Module | None = None):
         super().__init__()
-        self.config = dict(config)
-        params = ModelParams(**{k: v for k, v in config.items() if k != "vocab_size"})
+        # Checkpoints from before model.grid_layer attended over the last stage.
+        self.config = {"grid_layer": "layer4", **config}
+        params = ModelParams(**{k: v for k, v in self.config.items() if k != "vocab_size"})
         if backbone is None:  # weights come from a checkpoint: no need for ImageNet ones
             backbone = resnet(params.backbone)
         attention = params.decoder == "attention"
-        self.encoder = Encoder(backbone, params.embed_size, params.train_backbone, grid=attention)
+        self.encoder = Encoder(backbone, params.embed_size, params.train_backbone,
+                               grid_layer=params.grid_layer if attention else None)
         if attention:
             self.decoder = AttentionDecoder(self.encoder.feature_size, params.embed_size, params.hidden_size,
                                             params.attention_size, config["vocab_size"], params.max_seq_len)

@@ -27,6 +27,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 WEIGHTS_VERSIONS = ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DECODERS = ("lstm", "attention")
+GRID_LAYERS = ("layer3", "layer4")  # the ResNet stages whose feature map the attention decoder can read
 # Validation metrics the best epoch may be selected by; all but val_loss are better when higher.
 # "last" keeps the last epoch, as the seed does (it has no validation).
 SELECT_METRICS = ("cider", "bleu_4", "grounded", "strict", "val_loss", "last")
@@ -117,8 +118,12 @@ class ModelParams:
     train_backbone: bool = False  # False freezes the CNN after pretrain (the seed's setting)
     image_size: int = 32  # network input side; stored images are cropped/scaled to it
     # lstm: the seed's (the image is the LSTM's first input); attention: Show, Attend and Tell's
-    # soft attention over the backbone's last feature map, (image_size / 32) ** 2 cells
+    # soft attention over a grid of the backbone's feature map (`grid_layer`)
     decoder: str = "lstm"
+    # attention only: the ResNet stage whose output is the grid: layer3, (image_size / 16) ** 2
+    # cells (2 x 2 at 32 px), or layer4, the last, (image_size / 32) ** 2 (one cell at 32 px, 7 x 7
+    # at 224 px)
+    grid_layer: str = "layer3"
     embed_size: int = 128
     hidden_size: int = 256
     num_layers: int = 1  # LSTM layers (lstm only: the attention decoder is one LSTMCell)
@@ -129,6 +134,7 @@ class ModelParams:
         _one_of("model.backbone", self.backbone, BACKBONES)
         _one_of("model.weights_version", self.weights_version, WEIGHTS_VERSIONS)
         _one_of("model.decoder", self.decoder, DECODERS)
+        _one_of("model.grid_layer", self.grid_layer, GRID_LAYERS)
         for key in ("embed_size", "hidden_size", "num_layers", "attention_size", "max_seq_len"):
             _at_least(f"model.{key}", getattr(self, key), 1)
         _at_least("model.image_size", self.image_size, 32)
