@@ -288,8 +288,9 @@ class AttentionDecoder(Decoding):
         As the LSTM decoder's packed sequence does, step t runs only the captions still going
         (lengths sorted descending: the first `batch_sizes[t]` rows), so padding costs nothing:
         synthetic captions average 12 tokens in batches whose longest has ~22, and running every
-        row to the longest made a training step 1.6x slower (docs/results.md). The hidden states of
-        step after step, so trimmed, are the targets' packed order, and the output layer runs once.
+        row to the longest made a training step 1.5x slower (`bench/attention_step.py`). The hidden
+        states of step after step, so trimmed, are the targets' packed order, and the output layer
+        runs once.
 
         Softmax makes each step's weights sum to 1 over the cells; the regulariser asks the
         weights of each cell, summed over the caption's steps, to come near tau, so that every
