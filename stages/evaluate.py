@@ -1,18 +1,23 @@
 """evaluate stage: caption the test split, score it the COCO way, write a gallery, log to MLflow.
 
 It also records how it decoded (beside the checkpoint) and logs the model that decodes that way,
-so what is served is what was scored.
+so what is served is what was scored, and registers that model as a new version of
+`evaluate.registered_model`, moving its `champion` alias when the version is better on validation.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
+from mlflow.tracking import MlflowClient
 
-from captioning import accel, synthetic
+from captioning import accel, lineage, registry, synthetic, tracking
 from captioning.checkpoint import load_checkpoint
 from captioning.datasets import read_split
 from captioning.errors import run_stage
@@ -23,17 +28,18 @@ from captioning.predict import Decoding, caption_images
 from captioning.report import GalleryItem, gallery_html
 from captioning.serving import log_pyfunc, model_name
 from captioning.text import Vocabulary
-from captioning.tracking import (EXPERIMENT, changed_params, describe_changes, evaluation_run, tracking_uri,
-                                 write_run_info)
 
 PARAMS = ("evaluate", "compute")
 
 
 def main(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
     params = load_params(args.params, PARAMS)
     settings = params.evaluate
+    tracking.connect()  # a store that is down stops the stage here, before any work
+    registry.check_name(MlflowClient(), settings.registered_model, tracking.store_label())
     device = accel.prepare(params.compute)  # before any tensor work: it picks the CPU kernels
-    model, vocab, _ = load_checkpoint(args.checkpoint, expect_vocab=Vocabulary.load(args.vocab))
+    model, vocab, trained_with = load_checkpoint(args.checkpoint, expect_vocab=Vocabulary.load(args.vocab))
     split = read_split(args.data, "test")
     records = split.captioned()
     decoding = Decoding(settings.beam_size, settings.length_penalty, params.compute.bf16)
@@ -55,28 +61,56 @@ def main(args: argparse.Namespace) -> None:
     title = f"Test captions ({decoding.describe()})"
     write_text_atomic(args.gallery, gallery_html(items, title, scores))
 
-    run, trained_in = evaluation_run(args.params, args.train_run)
-    with run:
+    checkpoint_md5 = hashlib.md5(Path(args.checkpoint).read_bytes()).hexdigest()
+    run, trained_in = tracking.evaluation_run(args.params, checkpoint_md5)
+    with tracking.active(run):
         mlflow.log_metrics({f"test_{k}": v for k, v in scores.items()})
+        contexts = (("train", "training"), ("val", "validation"), ("test", "testing"))
+        tracking.log_datasets({s: (str(Path(args.data) / s), c) for s, c in contexts
+                               if s == "test" or trained_in != run.info.run_id})  # train logged its own
         with tempfile.TemporaryDirectory() as tmp:
             # At the artifact root, where MLflow's compare view looks; this copy names its run.
-            about = {"run": f"{run.info.run_name} ({run.info.run_id})", "experiment": EXPERIMENT,
-                     "params": describe_changes(changed_params(args.params))}
+            about = {"run": f"{run.info.run_name} ({run.info.run_id})", "experiment": tracking.EXPERIMENT,
+                     "params": tracking.describe_changes(tracking.changed_params(args.params))}
             gallery = Path(tmp) / "gallery.html"
             gallery.write_text(gallery_html(items, title, scores, about))
             mlflow.log_artifact(str(gallery))
         mlflow.log_artifact(args.captions)
         name = model_name(run.info.run_name)
         logged = log_pyfunc(args.checkpoint, args.decoding, split.image_path(records[0]), name)
-        note = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.note.content", "")  # the description
+        held = mlflow.get_run(run.info.run_id).data.tags
+        version, verdict = register(args, settings.registered_model, logged.model_uri, run, held, trained_with)
+        tracking.log_stage_times({**lineage.stage_times(before="evaluate"),
+                                  "evaluate": time.perf_counter() - started}, held)
         summary = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-        mlflow.set_tag("mlflow.note.content", f"{note}\n\ntest: {summary}")
-        write_run_info(args.run_info, run, train_run_id=trained_in, model_uri=f"runs:/{run.info.run_id}/{name}",
-                       tracking_uri=tracking_uri(), logged_model_id=logged.model_id)
+        mlflow.set_tag("mlflow.note.content", f"{held.get('mlflow.note.content', '')}\n\ntest: {summary}\n\n{verdict}")
+        tracking.write_run_info(args.run_info, run, train_run_id=trained_in,
+                                model_uri=f"models:/{settings.registered_model}/{version.version}",
+                                registered_model=settings.registered_model, model_version=version.version,
+                                logged_model_id=logged.model_id)
     print("evaluate: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
           + f" on {len(records)} test images ({decoding.describe()}) -> {args.metrics}; MLflow run "
           f"{run.info.run_name}, in `mlflow ui` at /#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
           "?workflowType=machine_learning")
+    print(verdict)
+
+
+def register(args: argparse.Namespace, name: str, model_uri: str, run: mlflow.ActiveRun, held: dict[str, str],
+             trained_with: dict):
+    """The logged model as a new version of `name`, tagged with where it came from (experiment,
+    commit, the md5s in dvc.lock of its data and checkpoint, its validation scores), then the
+    champion check. Returns (version, what the check said)."""
+    validation = json.loads(Path(args.train_metrics).read_text())
+    md5s = lineage.locked_md5s()
+    inputs = [str(Path(args.data) / s) for s in ("train", "val", "test")] + [args.vocab, args.checkpoint]
+    tags = {**{k: str(v) for k, v in validation.items() if k.startswith("val_")},
+            "dvc.exp_name": held.get("dvc.exp_name", "workspace"), "git.commit": held.get("git.commit", ""),
+            "captioning.run_name": run.info.run_name,
+            **{f"dvc.md5.{path}": md5s[path] for path in inputs if path in md5s}}
+    client = MlflowClient()
+    version = registry.register(client, name, model_uri, tags)
+    select_metric = trained_with["train"]["select_metric"]
+    return version, registry.promote(client, name, version, select_metric)
 
 
 if __name__ == "__main__":
@@ -85,7 +119,8 @@ if __name__ == "__main__":
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--vocab", required=True, help="the pipeline's vocabulary; must match the checkpoint's")
     parser.add_argument("--data", required=True, help="dataset folder (captions and images)")
-    parser.add_argument("--train-run", required=True, help="train's record of the run that trained the checkpoint")
+    parser.add_argument("--train-metrics", required=True,
+                        help="train's validation scores of the kept epoch (the registry compares versions on them)")
     parser.add_argument("--metrics", required=True, help="metrics JSON to write")
     parser.add_argument("--decoding", required=True, help="decoding JSON to write (for caption and the MLflow model)")
     parser.add_argument("--captions", required=True, help="COCO results JSON to write")

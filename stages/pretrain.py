@@ -10,7 +10,7 @@ from captioning import accel
 from captioning.backbone import recorded_weights, resnet
 from captioning.datasets import read_split
 from captioning.errors import run_stage
-from captioning.io import atomic_path, write_json_atomic
+from captioning.io import atomic_path, write_csv_atomic, write_json_atomic
 from captioning.params import load_params
 from captioning.pretrain import build_concepts, pretrain_backbone
 
@@ -25,7 +25,7 @@ def main(args: argparse.Namespace) -> None:
     imagenet = recorded_weights(args.weights, params.model.backbone)  # None unless model.pretrained
     if imagenet is not None:
         backbone.load_state_dict(imagenet)
-    summary = {"pretrain_epochs": params.pretrain.epochs}
+    summary, curve = {"pretrain_epochs": params.pretrain.epochs}, []
     if params.pretrain.epochs:
         split = read_split(args.data, "train")
         concepts = build_concepts(split, params.pretrain.max_concepts, params.pretrain.min_images)
@@ -34,12 +34,14 @@ def main(args: argparse.Namespace) -> None:
             batch_size=params.pretrain.batch_size, lr=params.pretrain.lr, seed=params.seed,
             device=device, num_workers=params.compute.num_workers, bf16=params.compute.bf16,
             schedule=params.pretrain.schedule)
+        curve = summary.pop("curve")
     # The head is task-specific; the captioner gets the feature layers only.
     state = {k: v.cpu() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
     with atomic_path(args.out) as tmp:
         torch.save(state, tmp)
     seconds = summary.pop("pretrain_seconds", 0.0)  # wall time varies: printed, not a DVC metric
     write_json_atomic(args.metrics, summary)
+    write_csv_atomic(args.plots, curve)
     print("pretrain: " + ", ".join(f"{k} {v}" for k, v in summary.items()) + f" in {seconds:.0f}s -> {args.out}")
 
 
@@ -49,5 +51,6 @@ if __name__ == "__main__":
     parser.add_argument("--data", required=True, help="dataset folder (captions and images)")
     parser.add_argument("--out", required=True, help="backbone state_dict to write")
     parser.add_argument("--metrics", required=True, help="pretrain summary JSON to write")
+    parser.add_argument("--plots", required=True, help="CSV to write: the concept loss of every step")
     parser.add_argument("--weights", required=True, help="the weights stage's record of the ImageNet weights")
     run_stage("pretrain", main, parser.parse_args())

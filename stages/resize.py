@@ -32,14 +32,16 @@ def main(params_path: str, data: str, out: str) -> None:
     check_links(data)
     total, reasons = 0, Counter()
     report = {"on_bad_image": policy, "counts": {}, "skipped": {}, "without_caption": {}, "empty_captions": {}}
-    with atomic_path(out) as tmp:
-        for split in SPLITS:
-            raw = read_split(data, split)
-            # Images without a caption teach and score nothing: left out here, and counted.
-            records = raw.captioned()
-            pairs = [(images_dir(data, split) / r["file_name"], images_dir(tmp, split) / r["file_name"])
+    for split in SPLITS:
+        raw = read_split(data, split)
+        # Images without a caption teach and score nothing: left out here, and counted.
+        records = raw.captioned()
+        # Each split is a DVC output of its own (its md5 in dvc.lock is the split's digest in MLflow);
+        # `tmp` is the split's folder, so the layout's paths take the split "" below it.
+        with atomic_path(Path(out) / split) as tmp:
+            pairs = [(images_dir(data, split) / r["file_name"], images_dir(tmp, "") / r["file_name"])
                      for r in records]
-            images_dir(tmp, split).mkdir(parents=True)
+            images_dir(tmp, "").mkdir(parents=True)
             try:
                 bad = resize_all(pairs, params.side, params.quality, params.workers, desc=f"resize {split}",
                                  skip_bad=policy == "skip")
@@ -49,15 +51,15 @@ def main(params_path: str, data: str, out: str) -> None:
             kept = [r for i, r in enumerate(records) if i not in bad]
             info = load_json(captions_path(data, split)).get("info", {})
             doc = coco_captions(kept, raw.captions, info.get("description", split))
-            captions_path(tmp, split).write_text(json.dumps(doc, separators=(",", ":")))
-            report["skipped"][split] = [{"file_name": records[i]["file_name"], "id": records[i]["id"],
-                                         "reason": bad[i].reason} for i in sorted(bad)]
-            reasons.update(error.kind for error in bad.values())
-            report["without_caption"][split] = len(raw.images) - len(records)
-            report["empty_captions"][split] = raw.empty_captions
-            total += len(kept)
-        report["counts"] = dict(sorted(reasons.items()))
-        write_json_atomic(Path(tmp) / "bad_images.json", report)
+            captions_path(tmp, "").write_text(json.dumps(doc, separators=(",", ":")))
+        report["skipped"][split] = [{"file_name": records[i]["file_name"], "id": records[i]["id"],
+                                     "reason": bad[i].reason} for i in sorted(bad)]
+        reasons.update(error.kind for error in bad.values())
+        report["without_caption"][split] = len(raw.images) - len(records)
+        report["empty_captions"][split] = raw.empty_captions
+        total += len(kept)
+    report["counts"] = dict(sorted(reasons.items()))
+    write_json_atomic(Path(out) / "bad_images.json", report)
     seconds = time.perf_counter() - started
     skipped = sum(reasons.values())
     note = f"; skipped {skipped} bad images ({_counts(reasons)}), listed in {Path(out) / 'bad_images.json'}" if skipped else ""

@@ -18,6 +18,8 @@ NOT_DEPENDENCIES = {
     "io": "atomic file writes",
     "errors": "the user-error class and its one-line report (cannot change an output)",
     "tracking": "MLflow logging",
+    "registry": "the MLflow model registry (versions and the champion alias)",
+    "lineage": "what the pipeline run did (stage times, dvc.lock md5s), for the MLflow record",
     "serving": "packaging the MLflow model (the checkpoint and decoding files are outputs already)",
     "params": "parsing and checking params.yaml; every value comes from params.yaml, which spells out "
               "every key (test_params), and DVC tracks the values",

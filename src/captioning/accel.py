@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from captioning.errors import UserError
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -104,17 +108,54 @@ class World:
         return self.rank == 0
 
 
+# A training over several boxes: each box says which node it is and where node 0 waits for the
+# others. Per box, so environment variables rather than params (params.yaml must match on every
+# box; these differ). Node 0 is the box that runs dvc: its rank-0 process logs and writes outputs.
+NODE_RANK, RDZV_ENDPOINT = "CAPTIONING_NODE_RANK", "CAPTIONING_RDZV_ENDPOINT"
+
+
 def world() -> World:
-    """Read torchrun's environment."""
-    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                 int(os.environ.get("LOCAL_RANK", 0)))
+    """Read torchrun's environment. c10d's rendezvous orders the nodes as it likes (by host name and
+    pid), so the global rank here counts node by node in `CAPTIONING_NODE_RANK` order instead: rank
+    0 is always on node 0."""
+    if "LOCAL_RANK" not in os.environ:
+        return World()
+    local, per_node = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    return World(node_rank() * per_node + local, int(os.environ["WORLD_SIZE"]), local)
+
+
+def node_rank() -> int:
+    value = os.environ.get(NODE_RANK, "0")
+    if not value.isdigit():
+        raise UserError(f"{NODE_RANK}={value}: expected this box's node number, 0 for the box that runs dvc")
+    return int(value)
+
+
+def torchrun_command(processes: int, nodes: int, argv: list[str]) -> list[str]:
+    """`argv` (this script and its arguments) as `processes` DDP processes on each of `nodes` boxes.
+
+    One box: torchrun --standalone. Several: c10d rendezvous at `CAPTIONING_RDZV_ENDPOINT`
+    (host:port of node 0, which hosts it), every box running the same command.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
+    if nodes == 1:
+        return [*command, "--standalone", *argv]
+    endpoint, node = os.environ.get(RDZV_ENDPOINT, ""), node_rank()
+    if not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", endpoint):
+        raise UserError(f"train.nodes is {nodes}: set {RDZV_ENDPOINT}=HOST:PORT on every box, the address of "
+                        f"node 0 (the box that runs dvc) and a free port there (got {endpoint!r})")
+    if node >= nodes:
+        raise UserError(f"{NODE_RANK}={node}, but train.nodes is {nodes}: number the boxes 0 to {nodes - 1}")
+    return [*command, f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+            "--rdzv-id=captioning-train", f"--rdzv-conf=is_host={str(node == 0).lower()}", *argv]
 
 
 def init_distributed(device: torch.device) -> World:
-    """Join the process group torchrun set up: NCCL between GPUs, gloo on CPUs."""
+    """Join the process group torchrun set up, at this process's rank in node order (`world`):
+    NCCL between GPUs, gloo on CPUs."""
     here = world()
     if here.size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=here.rank, world_size=here.size)
     return here
 
 

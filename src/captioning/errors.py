@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import errno
 import sys
+import time
 from collections.abc import Callable
+
+from captioning import lineage
 
 
 class UserError(Exception):
@@ -19,10 +22,13 @@ class UserError(Exception):
 
 
 def run_stage(stage: str, main: Callable[..., object], *args) -> None:
-    """`main(*args)`, with user errors (and a full disk) reported in one line."""
+    """`main(*args)`, with user errors (and a full disk) reported in one line. A stage that ends
+    well records its time for the pipeline run's MLflow record (`lineage`)."""
     status = 1
+    started = time.perf_counter()
     try:
         main(*args)
+        lineage.record_stage(time.perf_counter() - started)
         return
     except UserError as err:
         message = str(err)

@@ -5,6 +5,8 @@ An interrupted stage therefore never leaves a half-written file that DVC could c
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -36,6 +38,15 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, obj) -> None:
     """Strict JSON: NaN and Infinity, which JSON.parse and most metrics readers reject, raise here."""
     write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def write_csv_atomic(path: str | Path, rows: list[dict]) -> None:
+    """Rows of one shape as CSV with a header (DVC's plot files); no rows: a header of `step` alone."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["step"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
 
 
 def _remove(path: Path) -> None:

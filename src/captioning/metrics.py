@@ -25,6 +25,11 @@ from captioning.text import tokenize
 METRIC_NAMES = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
 
 
+def val_key(name: str) -> str:
+    """A validation score's name in metrics/train.json, MLflow and the registry: cider -> val_cider."""
+    return name if name.startswith("val_") else f"val_{name}"
+
+
 class MetricsError(UserError, RuntimeError):
     pass
 

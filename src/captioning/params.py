@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -193,6 +194,7 @@ class TrainParams:
     patience: int = 0  # stop after this many epochs without improvement; 0 = never
     compile: bool = False  # torch.compile the model (pays a compile at start; for long GPU runs)
     processes: int = 1  # > 1: DistributedDataParallel over this many processes (one per GPU) via torchrun
+    nodes: int = 1  # boxes training together (processes on each); > 1: CAPTIONING_RDZV_ENDPOINT on every box
 
     def check(self) -> None:
         _at_least("train.epochs", self.epochs, 1)
@@ -209,6 +211,7 @@ class TrainParams:
         _at_least("train.log_every", self.log_every, 1)
         _at_least("train.checkpoint_every", self.checkpoint_every, 1)
         _at_least("train.processes", self.processes, 1)
+        _at_least("train.nodes", self.nodes, 1)
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,7 @@ class EvaluateParams:
     # Beam search ranks a finished caption by its summed log-prob / length ** length_penalty:
     # 0 = raw sum (favours short captions), 1 = mean log-prob per token.
     length_penalty: float = 0.5
+    registered_model: str = "captioner"  # the MLflow registered model every evaluated model is a version of
 
     def check(self) -> None:
         _at_least("evaluate.batch_size", self.batch_size, 1)
@@ -227,6 +231,9 @@ class EvaluateParams:
         # bound); past 2, length wins over the words. The bounds also reject NaN and infinity.
         _between("evaluate.length_penalty", self.length_penalty, 0, 2)
         _at_least("evaluate.gallery_size", self.gallery_size, 0)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.registered_model):
+            raise ParamsError(f"evaluate.registered_model is {self.registered_model!r}: use letters, digits, "
+                              "'_', '.' and '-' (e.g. captioner-coco)")
 
 
 @dataclass(frozen=True)

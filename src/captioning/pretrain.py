@@ -91,7 +91,8 @@ def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], *,
                       num_workers: int, bf16: bool, schedule: str, log=print) -> dict:
     """Train `backbone` (a torchvision ResNet; its fc is replaced) to predict caption concepts.
 
-    Returns a summary: final loss, steps, seconds. The backbone is left in place, trained.
+    Returns a summary (final loss, steps, seconds) and under "curve" the loss of every step, as
+    rows of step, epoch and loss. The backbone is left in place, trained.
     """
     records = split.captioned()
     paths = [split.image_path(r) for r in records]
@@ -105,8 +106,9 @@ def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], *,
     criterion = nn.BCEWithLogitsLoss()
     steps_per_epoch = len(EpochBatchSampler(len(paths), batch_size, seed + 1, 0))
     scheduler = lr_schedule(optimizer, schedule, lr, epochs * steps_per_epoch)
-    started, step, last = time.perf_counter(), 0, torch.tensor(math.nan)
+    started, step, last, curve = time.perf_counter(), 0, torch.tensor(math.nan), []
     for epoch in range(epochs):
+        losses = []  # on the device: reading each one at once would sync with the GPU every step
         sampler = EpochBatchSampler(len(paths), batch_size, seed + 1, epoch)
         batches = image_batches(paths, transform, sampler, scaled, num_workers, pin_memory=device.type == "cuda")
         for batch, images in zip(sampler.batches(), batches):
@@ -122,6 +124,10 @@ def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], *,
                 scheduler.step()
             step += 1
             last = loss.detach()
+            losses.append(last)
+        first = step - len(losses) + 1
+        curve += [{"step": first + i, "epoch": epoch + 1, "loss": value}
+                  for i, value in enumerate(torch.stack(losses).float().cpu().tolist())] if losses else []
         log(f"pretrain epoch {epoch + 1}/{epochs}: concept loss {float(last):.4f}")
     return {"pretrain_loss": float(last), "pretrain_steps": step,
-            "pretrain_seconds": round(time.perf_counter() - started, 1), "concepts": len(concepts)}
+            "pretrain_seconds": round(time.perf_counter() - started, 1), "concepts": len(concepts), "curve": curve}

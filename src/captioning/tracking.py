@@ -1,36 +1,58 @@
-"""MLflow: where the store is, what a run is called, and a logger the training loop calls.
+"""MLflow: where the store is, what a run is called and holds, and the logger the training loop calls.
 
-The store is `MLFLOW_TRACKING_URI` if set, else `sqlite:///<repo root>/mlflow.db` with artifacts
-in `<repo root>/mlartifacts/`. The repo root is `$DVC_ROOT` when DVC runs the stage; queued
-experiments run in a temporary copy under `<repo>/.dvc/tmp/exps/`, which is deleted afterwards,
-so a path inside it is mapped back to the repo itself: a run logged there would be lost.
+The store is `MLFLOW_TRACKING_URI` if set (a team's tracking server: docs/team.md), else
+`sqlite:///<repo root>/mlflow.db` with artifacts in `<repo root>/mlartifacts/`. The repo root is
+`$DVC_ROOT` when DVC runs the stage; queued experiments run in a temporary copy under
+`<repo>/.dvc/tmp/exps/`, which is deleted afterwards, so a path inside it is mapped back to the
+repo itself: a run logged there would be lost. Every stage that logs checks the store first
+(`connect`), so a server that is down stops the stage before any work, in one line.
 
-One pipeline run is one MLflow run, named after the DVC experiment. Train starts it and records
-its id in a small DVC output; evaluate logs into it when this pipeline run trained the checkpoint,
-and otherwise starts a run of its own linked to the one that did (`evaluation_run`). Evaluate
-records the experiment's run in its own output, so a run-cache restore points at the run that
-produced the results it restores.
+One pipeline run is one MLflow run, named after the DVC experiment. Train starts it, tagged with
+the pipeline run (`lineage.pipeline_run`) and the md5 of the checkpoint it wrote; evaluate logs
+into it when the same pipeline run trained the checkpoint, and otherwise starts a run of its own
+linked to the newest run that trained it (`evaluation_run`). Only evaluate's output names the run
+(`reports/mlflow_run.json`): every other DVC output is the same on every box.
 """
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import json
 import os
+import re
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
-from mlflow.entities import Metric
 import yaml
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from requests.exceptions import RequestException
 
+from captioning import lineage
+from captioning.errors import UserError
 from captioning.io import write_json_atomic
+from captioning.metrics import val_key
 from captioning.params import ParamsError, flatten, load_params, parse_params
 
 EXPERIMENT = "captioning"
+PIPELINE_RUN = "captioning.pipeline_run"  # tag: the pipeline run (lineage.pipeline_run) that made the run
+CHECKPOINT_MD5 = "captioning.checkpoint_md5"  # tag: the md5 of the checkpoint the run trained or evaluated
+TRAIN_RUN = "captioning.train_run_id"  # tag of an evaluate-only run: the run that trained its checkpoint
 _FLUSH_EVERY = 200  # buffered metric points per log_batch call (one SQLite transaction each)
+# Run-level curves that describe what a pipeline run did itself: an evaluate-only run does not copy them.
+_OWN_METRICS = ("system/", "stage_seconds/")
+
+
+class TrackingError(UserError):
+    """The MLflow store is unreachable, refuses, or cannot store artifacts."""
 
 
 def repo_root(start: str | Path | None = None) -> Path:
@@ -44,6 +66,19 @@ def repo_root(start: str | Path | None = None) -> Path:
 
 def tracking_uri(root: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root or repo_root()) / 'mlflow.db'}"
+
+
+def store_label(uri: str | None = None) -> str:
+    """Where runs live, as a versioned file may say it: "local" for a store on this box, else the
+    server's URI without credentials, query or fragment."""
+    parts = urlsplit(uri or tracking_uri())
+    if parts.scheme in ("", "file", "sqlite"):
+        return "local"
+    try:
+        host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    except ValueError:  # a malformed port: keep the host alone
+        host = parts.hostname or ""
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
 
 
 def experiment_id(name: str = EXPERIMENT, root: Path | None = None) -> str:
@@ -77,11 +112,77 @@ KIND = {"mlflow.experimentKind": "custom_model_development"}
 def _get_or_create(client: MlflowClient, name: str, location: str | None) -> str:
     found = client.get_experiment_by_name(name)
     if found is None:
-        return client.create_experiment(name, artifact_location=location, tags=KIND)
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=KIND)
+        except MlflowException as err:  # another box or queue worker created it in between
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = client.get_experiment_by_name(name)
     for key, value in KIND.items():
         if found.tags.get(key) != value:  # a store made before the tag was set
             client.set_experiment_tag(found.experiment_id, key, value)
     return found.experiment_id
+
+
+# MLflow retries a failed request 7 times with exponential backoff (minutes in all): right in the
+# middle of a run, too long for a store that is simply not there.
+_QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+          "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+@contextmanager
+def _quick():
+    saved = {key: os.environ.get(key) for key in _QUICK}
+    os.environ.update(_QUICK)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+_ERRORS = (MlflowException, RequestException, OSError)
+
+
+def connect() -> str:
+    """Check that the store answers, before the stage does any work; return the experiment's id.
+
+    A server that is down, refuses or is not an MLflow server stops the stage with one line
+    naming `MLFLOW_TRACKING_URI` and the fix.
+    """
+    try:
+        with _quick():
+            return experiment_id()
+    except _ERRORS as err:
+        raise TrackingError(explain(err)) from None
+
+
+def explain(err: Exception, doing: str = "") -> str:
+    """One line: which store, what went wrong, and the fix."""
+    text = " ".join(str(err).split())
+    where = (f"MLFLOW_TRACKING_URI={store_label()}" if os.environ.get("MLFLOW_TRACKING_URI")
+             else f"the local MLflow store {tracking_uri()}")
+    code = re.search(r"error code (\d{3})|status code (\d{3})|HTTP (\d{3})", text)
+    status = next((g for g in code.groups() if g), "") if code else ""
+    if status in ("401", "403") or "PERMISSION_DENIED" in text or "UNAUTHENTICATED" in text:
+        why = ("the server refused the request (not authorised): set MLFLOW_TRACKING_USERNAME and "
+               "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN")
+    elif status == "404" or "ENDPOINT_NOT_FOUND" in text:
+        why = "something answers there, but not an MLflow tracking server (HTTP 404): check the address and port"
+    elif re.search(r"credentials|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|NoSuchBucket", text):
+        why = ("the artifact store refused (S3 credentials or bucket): give the tracking server (or this box, "
+               "for an s3:// artifact root) AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, MLFLOW_S3_ENDPOINT_URL "
+               "for an S3-compatible store, and an existing bucket (docs/team.md)")
+    elif re.search(r"Connection refused|Max retries exceeded|Failed to establish|timed out|Name or service "
+                   r"not known|Temporary failure in name resolution|RemoteDisconnected|Connection aborted", text):
+        why = ("no MLflow server answers there: start it (docs/team.md), correct the address, or unset "
+               "MLFLOW_TRACKING_URI to log to ./mlflow.db")
+    else:
+        why = text[:300]
+    return f"{where}: {doing + ': ' if doing else ''}{why}"
 
 
 def run_name() -> str:
@@ -96,7 +197,7 @@ def run_name() -> str:
 def run_tags(stage: str) -> dict[str, str]:
     tags = {"stage": stage, "dvc.exp_name": os.environ.get("DVC_EXP_NAME") or "workspace",
             "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD"),
-            "git.branch": _git("branch", "--show-current")}
+            "git.branch": _git("branch", "--show-current"), PIPELINE_RUN: lineage.pipeline_run()}
     commit = _git("rev-parse", "HEAD")
     if commit:
         tags["git.commit"] = commit
@@ -149,56 +250,124 @@ def describe_changes(changed: dict[str, tuple[str, str]] | None) -> str:
 
 
 def start_pipeline_run(params_path: str | Path, stage: str, tags: dict[str, str] | None = None,
-                       note: str = "") -> mlflow.ActiveRun:
+                       note: str = "", system_metrics: bool = False) -> mlflow.ActiveRun:
     """A new MLflow run for this pipeline run, named after the experiment, holding every param.
 
     Its description (the first thing the run page shows) says what changed against the baseline,
-    then `note`; the same list is the `params.changed` tag, a column the runs table can show.
+    then `note`; the same list is the `params.changed` tag, a column the runs table can show. The
+    params file is its first artifact: a store that cannot keep artifacts stops the stage here.
     """
     changed = changed_params(params_path)
     summary = describe_changes(changed) + note
     run = mlflow.start_run(experiment_id=experiment_id(), run_name=run_name(), description=summary,
+                           log_system_metrics=system_metrics,
                            tags={**run_tags(stage), **(tags or {}),
                                  "params.changed": ", ".join(f"{k}={b}" for k, (_, b) in (changed or {}).items())
                                  or "(none)"})
-    mlflow.log_params(pipeline_params(params_path))
+    try:
+        mlflow.log_params(pipeline_params(params_path))
+        log_params_file(params_path)
+    except BaseException:
+        _end(run, "FAILED")
+        raise
     return run
 
 
-def write_run_info(path: str | Path, run: mlflow.ActiveRun, **extra) -> None:
-    write_json_atomic(path, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                             "run_name": run.info.run_name, **extra})
+def log_params_file(params_path: str | Path) -> None:
+    """The params file as an artifact of the active run, quickly: a store whose artifact side fails
+    (missing S3 credentials, say) stops the stage in one line before any work."""
+    try:
+        with _quick():
+            mlflow.log_artifact(str(params_path))
+    except _ERRORS as err:
+        raise TrackingError(explain(err, "storing the run's artifacts")) from None
 
 
-def evaluation_run(params_path: str | Path, train_info_path: str | Path) -> tuple[mlflow.ActiveRun, str | None]:
+@contextmanager
+def active(run: mlflow.ActiveRun):
+    """Like `with run:`, but a run that fails ends as FAILED without a second error from a server
+    that went away, and a run that ends well must be marked so: else one line, not a traceback."""
+    try:
+        yield run
+    except (MlflowException, RequestException) as err:
+        _end(run, "FAILED")
+        raise TrackingError(explain(err)) from None
+    except BaseException:
+        _end(run, "FAILED")
+        raise
+    try:
+        mlflow.end_run()
+    except _ERRORS as err:
+        raise TrackingError(explain(err, f"ending run {run.info.run_id}")) from None
+
+
+def _end(run: mlflow.ActiveRun, status: str) -> None:
+    try:
+        with _quick():
+            mlflow.end_run(status)  # leaves the run even when the store does not answer
+    except _ERRORS:  # the store is what failed: the run stays RUNNING there
+        pass
+
+
+def training_run(params_path: str | Path, record: Path) -> tuple[mlflow.ActiveRun, int, int]:
+    """The run train logs into, and the last step and epoch it holds already.
+
+    `record` (beside the resume state) names the run an earlier try of this same training started.
+    When that try was cut off (killed, or the server went away) and the run is still in the store,
+    the resumed training continues it, so one training is one run with every point once;
+    otherwise a new run, with system metrics.
+    """
+    client = MlflowClient()
+    earlier = _saved_run(client, record)
+    if earlier is None:
+        run = start_pipeline_run(params_path, "train", system_metrics=True)
+        write_json_atomic(record, {"run_id": run.info.run_id})
+        return run, 0, 0
+    run = mlflow.start_run(run_id=earlier.info.run_id, log_system_metrics=True)
+    mlflow.set_tags({PIPELINE_RUN: lineage.pipeline_run(), "captioning.resumed": "yes"})
+    last = {key: max((m.step for m in client.get_metric_history(run.info.run_id, key)), default=0)
+            for key in ("train_loss", "val_loss")}
+    return run, last["train_loss"], last["val_loss"]
+
+
+def _saved_run(client: MlflowClient, record: Path):
+    try:
+        return client.get_run(json.loads(record.read_text())["run_id"])
+    except (OSError, ValueError, KeyError, MlflowException):
+        return None
+
+
+def evaluation_run(params_path: str | Path, checkpoint_md5: str) -> tuple[mlflow.ActiveRun, str | None]:
     """The run evaluate logs into, and the id of the run that trained the checkpoint.
 
-    Train's own run when this pipeline run trained the checkpoint: that run has no test scores
-    yet and holds exactly today's params. Otherwise (train was cached, or its run is in another
-    store) a new run, tagged `captioning.train_run_id`, that starts with a copy of the training
-    curves and validation metrics: one run holds the whole experiment, and no earlier run's
-    params or metrics ever change.
+    Train's own run when this pipeline run trained the checkpoint. Otherwise (train was cached,
+    or its run is in another store) a new run, tagged `captioning.train_run_id`, that starts with
+    a copy of the training curves and validation metrics: one run holds the whole experiment, and
+    no earlier run's params or metrics ever change.
     """
-    info = json.loads(Path(train_info_path).read_text())
-    experiment_id()
     client = MlflowClient()
-    try:
-        trained = client.get_run(info["run_id"])
-    except mlflow.exceptions.MlflowException:
-        trained = None
-    if (trained is not None and not any(k.startswith("test_") for k in trained.data.metrics)
-            and trained.data.params == pipeline_params(params_path)):
-        return mlflow.start_run(run_id=trained.info.run_id), trained.info.run_id
-    link = {"captioning.train_run_id": info["run_id"], "captioning.train_run_name": info.get("run_name", "")}
-    where = (f"run {info.get('run_name')} ({info['run_id']})" if trained is not None
-             else f"run {info['run_id']}, which is not in {tracking_uri()}")
-    note = f". Evaluate only: the checkpoint was trained in {where}; its curves are copied here."
-    run = start_pipeline_run(params_path, "evaluate", tags=link, note=note)
+    found = client.search_runs([experiment_id()], filter_string=f"tags.`{CHECKPOINT_MD5}` = '{checkpoint_md5}'",
+                               order_by=["attributes.start_time DESC"], max_results=50)
+    trained = next((r for r in found if r.data.tags.get("stage") == "train"), None)
+    here = lineage.pipeline_run()
+    own = next((r for r in found if r.data.tags.get(PIPELINE_RUN) == here and r.data.tags.get("stage") == "train"),
+               None)
+    if own is not None:
+        return mlflow.start_run(run_id=own.info.run_id), own.info.run_id
     if trained is not None:
-        # the training run's own test scores are of its own evaluation, not this one
+        note = (f". Evaluate only: the checkpoint was trained in run {trained.info.run_name} "
+                f"({trained.info.run_id}); its curves are copied here.")
+        link = {TRAIN_RUN: trained.info.run_id, "captioning.train_run_name": trained.info.run_name}
+    else:
+        note = f". Evaluate only: the run that trained the checkpoint is not in {store_label()}."
+        link = {}
+    run = start_pipeline_run(params_path, "evaluate", tags={**link, CHECKPOINT_MD5: checkpoint_md5}, note=note)
+    if trained is not None:
+        # The training run's own test scores are of its own evaluation, not this one; its system
+        # metrics and stage times are of its own pipeline run.
         _copy_metrics(client, trained.info.run_id, run.info.run_id,
-                      [k for k in trained.data.metrics if not k.startswith("test_")])
-    return run, info["run_id"]
+                      [k for k in trained.data.metrics if not k.startswith(("test_", *_OWN_METRICS))])
+    return run, trained.info.run_id if trained is not None else None
 
 
 def _copy_metrics(client: MlflowClient, source: str, target: str, keys) -> None:
@@ -206,14 +375,67 @@ def _copy_metrics(client: MlflowClient, source: str, target: str, keys) -> None:
     for key in keys:
         for point in client.get_metric_history(source, key):
             logger.buffer.append(Metric(key, point.value, point.timestamp, point.step))
-    logger.flush()
+    logger.flush(final=True)
+
+
+def log_datasets(splits: dict[str, tuple[str, str]]) -> None:
+    """Record the active run's inputs: each split as a dataset, `{split: (its DVC output path,
+    context)}`, its digest the md5 `dvc.lock` holds for it, its source the download stage's params
+    in `dvc.lock`. Splits `dvc.lock` does not hold yet (a stage run by hand) are left out."""
+    md5s, made_by = lineage.locked_md5s(), lineage.locked_params("download")
+    source_name = made_by.get("data", {}).get("source", "unknown")
+    source = CodeDatasetSource(tags={"dvc.stage": "download", **flat_text(made_by)})
+    for split, (path, context) in splits.items():
+        if path in md5s:
+            dataset = MetaDataset(source, name=f"{source_name} {split}", digest=md5s[path])
+            mlflow.log_input(dataset, context=context)
+
+
+def log_stage_times(times: dict[str, float | None], logged: dict[str, str] | None = None) -> None:
+    """Each stage's time in this pipeline run into the active run: a tag `stage.<name>` ("ran,
+    12.3 s" or "cached") for every stage, and a metric `stage_seconds/<name>` for those that ran.
+    Stages the run already holds (`logged`, its tags) are not logged twice."""
+    logged = logged or {}
+    tags, seconds = {}, {}
+    for stage, value in times.items():
+        if f"stage.{stage}" in logged:
+            continue
+        tags[f"stage.{stage}"] = "cached" if value is None else f"ran, {value:.1f} s"
+        if value is not None:
+            seconds[f"stage_seconds/{stage}"] = value
+    mlflow.set_tags(tags)
+    if seconds:
+        mlflow.log_metrics(seconds)
+
+
+def log_curve(run_id: str, path: str | Path, key: str, column: str) -> None:
+    """A DVC plot file (CSV with a `step` column) as the metric `key`, one point per row."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    logger = MetricLogger(run_id)
+    for row in rows:
+        logger.log({key: float(row[column])}, int(row["step"]))
+    logger.flush(final=True)
+
+
+def write_run_info(path: str | Path, run: mlflow.ActiveRun, **extra) -> None:
+    """The one DVC output that names MLflow runs: differs from box to box, and says where the
+    runs live ("local", or the server) but never a path or a credential."""
+    write_json_atomic(path, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                             "run_name": run.info.run_name, "tracking": store_label(), **extra})
 
 
 class MetricLogger:
-    """Buffers metric points and sends them in batches: one SQLite write per point is slow."""
+    """Buffers metric points and sends them in batches: one SQLite write per point is slow.
+
+    A store that stops answering in the middle of a run does not stop the run: the points stay
+    buffered and go out with a later flush. Only the final flush must get through (after MLflow's
+    own retries), or it stops the stage in one line.
+    """
 
     def __init__(self, run_id: str, client: MlflowClient | None = None):
         self.run_id, self.client, self.buffer = run_id, client or MlflowClient(), []
+        self.failing = False
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -221,7 +443,70 @@ class MetricLogger:
         if len(self.buffer) >= _FLUSH_EVERY:
             self.flush()
 
-    def flush(self) -> None:
-        for k in range(0, len(self.buffer), 1000):  # log_batch takes at most 1000 metrics
-            self.client.log_batch(self.run_id, metrics=self.buffer[k:k + 1000])
-        self.buffer = []
+    def flush(self, final: bool = False) -> None:
+        try:
+            with _quick() if not final else _nothing():
+                while self.buffer:
+                    self.client.log_batch(self.run_id, metrics=self.buffer[:1000])  # at most 1000 a call
+                    self.buffer = self.buffer[1000:]
+        except _ERRORS as err:
+            if final:
+                raise TrackingError(explain(err, f"{len(self.buffer)} metric points of run {self.run_id} "
+                                                 "could not be sent")) from None
+            if not self.failing:
+                print(f"tracking: {explain(err)}; keeping the metrics and sending them later", flush=True)
+            self.failing = True
+            return
+        if self.failing:
+            print("tracking: the store answers again; buffered metrics sent", flush=True)
+            self.failing = False
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+class TrainingLogs:
+    """Training callbacks of rank 0: print each logged step like the seed, and send steps (loss,
+    perplexity) and epochs (validation scores) to the run, buffered.
+
+    A resumed training continues its run (`training_run`), which holds points up to
+    `logged_step` / `logged_epoch`; `catch_up` sends what the earlier try trained but never sent.
+    """
+
+    def __init__(self, run_id: str, epochs: int, logged_step: int = 0, logged_epoch: int = 0):
+        self.mlflow, self.epochs = MetricLogger(run_id), epochs
+        self.logged_step, self.logged_epoch = logged_step, logged_epoch
+        self.first_step = self.first_epoch = None  # the first of this try's own
+
+    def on_step(self, row: dict) -> None:
+        print(f"Epoch [{row['epoch']}/{self.epochs}], Step [{row['batch']}/{row['batches']}], "
+              f"Loss: {row['loss']:.4f}, Perplexity: {row['perplexity']:5.4f}", flush=True)
+        self.first_step = self.first_step or row["step"]
+        self._step(row)
+
+    def on_epoch(self, row: dict) -> None:
+        scores = _scores(row)
+        print(f"epoch {row['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+        self.first_epoch = self.first_epoch or row["epoch"]
+        self._epoch(row)
+        self.mlflow.flush()
+
+    def catch_up(self, steps: list[dict], history: list[dict]) -> None:
+        for row in steps:
+            if self.logged_step < row["step"] < (self.first_step or row["step"] + 1):
+                self._step(row)
+        for row in history:
+            if self.logged_epoch < row["epoch"] < (self.first_epoch or row["epoch"] + 1):
+                self._epoch(row)
+
+    def _step(self, row: dict) -> None:
+        self.mlflow.log({"train_loss": row["loss"], "train_perplexity": row["perplexity"]}, row["step"])
+
+    def _epoch(self, row: dict) -> None:
+        self.mlflow.log({val_key(k): v for k, v in _scores(row).items()}, row["epoch"])
+
+
+def _scores(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("epoch", "best_epoch", "train_loss")}  # train_loss: per step

@@ -110,6 +110,7 @@ class ResumeState:
     epoch_loss: float = 0.0  # summed over the current epoch's batches
     seconds: float = 0.0  # training time so far
     history: list[dict] = field(default_factory=list)  # one validation row per epoch
+    step_rows: list[dict] = field(default_factory=list)  # one row per logged step (train.log_every)
     best: dict | None = None  # the kept epoch's row
     best_epoch: int = 0
     best_state: dict | None = None  # the kept epoch's weights, on the CPU
@@ -158,6 +159,7 @@ class FitResult:
     best_epoch: int
     best: dict  # that epoch's validation row
     history: list[dict] = field(default_factory=list)  # one row per epoch
+    step_rows: list[dict] = field(default_factory=list)  # one row per logged step, a resumed run's included
     final_train_loss: float = math.nan
     steps: int = 0
     seconds: float = 0.0
@@ -212,7 +214,7 @@ def fit(model: Captioner, data: TrainingData, params: TrainParams, *, seed: int,
             print(f"early stop: {params.select_metric} did not improve for {params.patience} epochs")
             break
         resume.save(model, optimizer, state)
-    return FitResult(state.best_state, state.best_epoch, state.best, state.history,
+    return FitResult(state.best_state, state.best_epoch, state.best, state.history, state.step_rows,
                      final_train_loss=state.history[-1]["train_loss"], steps=state.step,
                      seconds=time.perf_counter() - started)
 
@@ -254,8 +256,10 @@ def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer,
         epoch_loss += loss.detach()
         if state.step % params.log_every == 0:  # the only host sync in the loop
             value = float(loss.detach())
-            callbacks.on_step({"step": state.step, "epoch": epoch + 1, "batch": state.batch, "batches": total,
-                               "loss": value, "perplexity": math.exp(min(value, 50))})
+            row = {"step": state.step, "epoch": epoch + 1, "batch": state.batch, "batches": total,
+                   "loss": value, "perplexity": math.exp(min(value, 50))}
+            state.step_rows.append(row)
+            callbacks.on_step(row)
         if state.step % params.checkpoint_every == 0:
             state.epoch_loss = float(epoch_loss)
             checkpoint()
