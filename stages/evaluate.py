@@ -109,8 +109,9 @@ def register(args: argparse.Namespace, name: str, model_uri: str, run: mlflow.Ac
             **{f"dvc.md5.{path}": md5s[path] for path in inputs if path in md5s}}
     client = MlflowClient()
     version = registry.register(client, name, model_uri, tags)
-    select_metric = trained_with["train"]["select_metric"]
-    return version, registry.promote(client, name, version, select_metric)
+    verdict = registry.promote(client, name, version, trained_with["train"]["select_metric"])
+    client.set_model_version_tag(name, version.version, "captioning.champion_check", verdict)
+    return version, verdict
 
 
 if __name__ == "__main__":

@@ -63,6 +63,21 @@ def test_int_is_accepted_where_a_float_is_expected():
     assert parse_params({"train": {"lr": 1}}).train.lr == 1.0
 
 
+def test_a_rate_in_exponent_form_is_a_number(tmp_path):
+    """`dvc exp run -S train.lr=0.000001` writes `1e-06`, which YAML 1.1 reads as a string."""
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 1e-06\n  epochs: 2\n")
+    assert load_params(path).train.lr == 1e-06
+    with pytest.raises(ParamsError, match=r"train\.lr must be a number, got 'fast'"):
+        parse_params({"train": {"lr": "fast"}})
+    with pytest.raises(ParamsError, match=r"train\.epochs must be an integer, got '1e3'"):
+        parse_params({"train": {"epochs": "1e3"}})
+    for key in ("train.nodes", "evaluate.registered_model"):
+        section, name = key.split(".")
+        with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+            parse_params({section: {name: 0 if name == "nodes" else "a name/with a slash"}})
+
+
 def test_a_stage_reads_only_the_params_it_declares():
     from captioning.params import UndeclaredParamError
 

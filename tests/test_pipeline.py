@@ -95,7 +95,7 @@ def test_one_mlflow_run_per_experiment_and_the_record_never_changes(tmp_path):
     assert baseline.info.run_name.startswith("workspace (main @ ")
     assert baseline.data.tags["dvc.exp_name"] == "workspace"
     assert json.loads((clone / "reports" / "mlflow_run.json").read_text())["run_id"] == baseline.info.run_id
-    assert json.loads((clone / "models" / "train_run.json").read_text())["run_id"] == baseline.info.run_id
+    assert json.loads((clone / "reports" / "mlflow_run.json").read_text())["tracking"] == "local"
     assert "gallery.html" in {a.path for a in client.list_artifacts(baseline.info.run_id)}  # compare view
     assert (clone / "reports" / "gallery.html").read_text().count("<img") == 4
     results = json.loads((clone / "reports" / "test_captions.json").read_text())
@@ -160,7 +160,8 @@ def test_one_mlflow_run_per_experiment_and_the_record_never_changes(tmp_path):
     # What is served is what was evaluated: beam1's model decodes greedily; one weight file a run.
     model_id = client.search_logged_models([experiment.experiment_id],
                                            filter_string=f"source_run_id = '{beam1.info.run_id}'")[0].model_id
-    assert beam1_model == f"runs:/{beam1.info.run_id}/captioner-beam1"
+    assert beam1_model == "models:/captioner/2"  # the baseline's model is version 1
+    assert client.get_model_version("captioner", "2").run_id == beam1.info.run_id
     local = Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
     assert json.loads((local / "artifacts" / "decoding.json").read_text())["beam_size"] == 1
     weights = sorted((clone / "mlartifacts").rglob("*.pt"))

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torchvision
 import yaml
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from captioning.datasets import DatasetError, read_split
@@ -109,9 +110,8 @@ def test_kill_9_during_training_then_rerun_resumes_to_the_same_result(tiny_data,
     def train(tag: str) -> list[str]:
         return [sys.executable, str(REPO / "stages" / "train.py"), "--data", "raw",
                 "--vocab", "vocab.json", "--backbone", "backbone.pt", "--features", "features",
-                "--checkpoint", f"{tag}/checkpoint.pt",
-                "--metrics", f"{tag}/train.json", "--plots", f"{tag}/plots", "--run-info", f"{tag}/run.json",
-                "--resume-dir", "resume"]
+                "--pretrain-curve", "none.csv", "--checkpoint", f"{tag}/checkpoint.pt",
+                "--metrics", f"{tag}/train.json", "--plots", f"{tag}/plots", "--resume-dir", "resume"]
 
     subprocess.run(train("straight"), cwd=work, env=env, check=True, capture_output=True)
     assert not list((work / "resume").glob("*.pt"))  # a finished run leaves no resume state
@@ -136,6 +136,19 @@ def test_kill_9_during_training_then_rerun_resumes_to_the_same_result(tiny_data,
     a = torch.load(work / "straight" / "checkpoint.pt", weights_only=True)["state_dict"]
     b = torch.load(work / "killed" / "checkpoint.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The plots hold every step and epoch, those before the kill included...
+    for name in ("train_loss.csv", "val.csv"):
+        assert (work / "killed" / "plots" / name).read_text() == (work / "straight" / "plots" / name).read_text()
+    # ... and the resumed training continued its own MLflow run: two trainings, two runs, each
+    # holding every point once.
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("captioning").experiment_id])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    curves = [{key: [(m.step, m.value) for m in sorted(client.get_metric_history(r.info.run_id, key),
+                                                       key=lambda m: m.step)]
+               for key in ("train_loss", "val_loss", "val_cider")} for r in runs]
+    assert curves[0] == curves[1]
+    assert [r.data.tags.get("captioning.resumed") for r in runs].count("yes") == 1
 
 
 def test_empty_captions_are_skipped_and_counted_duplicates_refused(tmp_path):

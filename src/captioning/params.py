@@ -389,6 +389,9 @@ def _build(cls, raw, prefix: str):
     return cls(**values)
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(hint, value, key: str):
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, prefix=f"{key}.")
@@ -401,6 +404,10 @@ def _coerce(hint, value, key: str):
             raise ParamsError(f"{key} must be an integer, got {value!r}")
         return value
     if hint is float:
+        # PyYAML reads YAML 1.1, where a float needs a dot: `1e-06`, which is how
+        # `dvc exp run -S train.lr=0.000001` writes it, comes back as a string.
+        if isinstance(value, str) and _EXPONENT.fullmatch(value):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"{key} must be a number, got {value!r}")
         return float(value)

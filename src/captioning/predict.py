@@ -124,6 +124,28 @@ def encode_image(path: str | Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode()
 
 
+def caption_with_logged_model(uri: str, paths: list[Path]) -> list[str]:
+    """Caption with an MLflow model (`runs:/...`, `models:/captioner@champion`, ...) from the
+    project's store (`MLFLOW_TRACKING_URI`, else the repo's mlflow.db); a URI the store cannot
+    resolve is one line."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from captioning.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as err:
+        reason = " ".join(str(err).split())[:300]
+        hint = (" (an alias whose version was deleted is removed with it: see the versions in the MLflow UI's "
+                "Models page, or run the pipeline to register one)" if "@" in uri else "")
+        raise SystemExit(f"caption: {uri}: {reason}{hint}") from None
+    frame = pd.DataFrame({"image": [encode_image(p) for p in paths]})
+    return list(model.predict(frame)["caption"])
+
+
 def main(argv: list[str] | None = None) -> None:
     """`caption IMAGE_OR_FOLDER... --checkpoint models/checkpoint.pt`: one `path<TAB>caption` per line."""
     import argparse
@@ -152,11 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                      "as its experiment's evaluate stage did")
     paths = image_files(args.inputs)
     if args.model:
-        import mlflow.pyfunc
-        import pandas as pd
-
-        frame = pd.DataFrame({"image": [encode_image(p) for p in paths]})
-        captions = list(mlflow.pyfunc.load_model(args.model).predict(frame)["caption"])
+        captions = caption_with_logged_model(args.model, paths)
     else:
         decoding_path = Path(args.decoding or Path(args.checkpoint).with_name("decoding.json"))
         if not decoding_path.is_file():

@@ -46,6 +46,7 @@ EXPERIMENT = "captioning"
 PIPELINE_RUN = "captioning.pipeline_run"  # tag: the pipeline run (lineage.pipeline_run) that made the run
 CHECKPOINT_MD5 = "captioning.checkpoint_md5"  # tag: the md5 of the checkpoint the run trained or evaluated
 TRAIN_RUN = "captioning.train_run_id"  # tag of an evaluate-only run: the run that trained its checkpoint
+ARTIFACTS = "storing the run's artifacts"
 _FLUSH_EVERY = 200  # buffered metric points per log_batch call (one SQLite transaction each)
 # Run-level curves that describe what a pipeline run did itself: an evaluate-only run does not copy them.
 _OWN_METRICS = ("system/", "stage_seconds/")
@@ -165,19 +166,24 @@ def explain(err: Exception, doing: str = "") -> str:
     text = " ".join(str(err).split())
     where = (f"MLFLOW_TRACKING_URI={store_label()}" if os.environ.get("MLFLOW_TRACKING_URI")
              else f"the local MLflow store {tracking_uri()}")
-    code = re.search(r"error code (\d{3})|status code (\d{3})|HTTP (\d{3})", text)
+    code = re.search(r"error code (\d{3})|status code (\d{3})|HTTP (\d{3})|too many (\d{3}) error", text)
     status = next((g for g in code.groups() if g), "") if code else ""
     if status in ("401", "403") or "PERMISSION_DENIED" in text or "UNAUTHENTICATED" in text:
         why = ("the server refused the request (not authorised): set MLFLOW_TRACKING_USERNAME and "
                "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN")
     elif status == "404" or "ENDPOINT_NOT_FOUND" in text:
         why = "something answers there, but not an MLflow tracking server (HTTP 404): check the address and port"
-    elif re.search(r"credentials|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|NoSuchBucket", text):
+    elif ARTIFACTS in doing or re.search(r"credentials|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|"
+                                         r"NoSuchBucket", text):
+        # The tracking API answered a moment before (`connect`), so a failed upload is the artifact
+        # side: a proxying server drops the connection when its S3 store refuses.
         why = ("the artifact store refused (S3 credentials or bucket): give the tracking server (or this box, "
                "for an s3:// artifact root) AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, MLFLOW_S3_ENDPOINT_URL "
-               "for an S3-compatible store, and an existing bucket (docs/team.md)")
-    elif re.search(r"Connection refused|Max retries exceeded|Failed to establish|timed out|Name or service "
-                   r"not known|Temporary failure in name resolution|RemoteDisconnected|Connection aborted", text):
+               "for an S3-compatible store, and an existing bucket; the server's log says which (docs/team.md)")
+    elif status.startswith("5"):
+        why = f"the server failed (HTTP {status}): its log says why"
+    elif re.search(r"Connection refused|Max retries exceeded|Failed to establish|timed out|Name or service not "
+                   r"known|Temporary failure in name resolution|RemoteDisconnected|Connection (aborted|reset)", text):
         why = ("no MLflow server answers there: start it (docs/team.md), correct the address, or unset "
                "MLFLOW_TRACKING_URI to log to ./mlflow.db")
     else:
@@ -280,7 +286,7 @@ def log_params_file(params_path: str | Path) -> None:
         with _quick():
             mlflow.log_artifact(str(params_path))
     except _ERRORS as err:
-        raise TrackingError(explain(err, "storing the run's artifacts")) from None
+        raise TrackingError(explain(err, ARTIFACTS)) from None
 
 
 @contextmanager
@@ -402,7 +408,7 @@ def log_stage_times(times: dict[str, float | None], logged: dict[str, str] | Non
             continue
         tags[f"stage.{stage}"] = "cached" if value is None else f"ran, {value:.1f} s"
         if value is not None:
-            seconds[f"stage_seconds/{stage}"] = value
+            seconds[f"stage_seconds/{stage}"] = round(value, 1)
     mlflow.set_tags(tags)
     if seconds:
         mlflow.log_metrics(seconds)
