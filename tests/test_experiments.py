@@ -1,12 +1,11 @@
 """The daily loop of a DVC + MLflow user, for real: a queued sweep run by two parallel workers,
-the run-cache, plots, the MLflow tracking server, `mlflow models serve`, and a DVC remote."""
+the run-cache, plots, and `mlflow models serve` from the repo's own store (a team's server, the
+registry and a DVC remote on S3: test_team.py)."""
 
 from __future__ import annotations
 
 import base64
 import json
-import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,26 +14,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from servers import free_port, wait_http
 from test_pipeline import TINY, _run, make_clone
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 def _post(url: str, body: dict) -> dict:
@@ -129,39 +112,17 @@ def test_plots_show_the_curves(project, tmp_path):
         assert len({row["epoch"] for row in values}) == epochs, name
 
 
-def test_mlflow_server_serves_runs_over_rest(project):
-    clone, env = project
-    port = _free_port()
-    server = subprocess.Popen(
-        ["mlflow", "server", "--backend-store-uri", f"sqlite:///{clone / 'mlflow.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=clone, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_http(f"{base}/health")
-        found = json.loads(urllib.request.urlopen(
-            f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=captioning", timeout=10).read())
-        exp_id = found["experiment"]["experiment_id"]
-        runs = _post(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp_id]})["runs"]
-        assert runs
-        metrics = {m["key"] for m in runs[-1]["data"]["metrics"]}
-        assert {"test_cider", "test_bleu_4", "train_loss", "val_loss"} <= metrics
-    finally:
-        server.terminate()
-        server.wait(30)
-
-
 def test_mlflow_models_serve_captions_posted_images(project):
     clone, env = project
     model_uri = json.loads((clone / "reports" / "mlflow_run.json").read_text())["model_uri"]
-    port = _free_port()
+    port = free_port()
     serve_env = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{clone / 'mlflow.db'}")
     server = subprocess.Popen(
         ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port)],
         cwd=clone, env=serve_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     try:
-        _wait_http(f"http://127.0.0.1:{port}/ping")
+        wait_http(f"http://127.0.0.1:{port}/ping")
         images = sorted((clone / "data" / "raw" / "test" / "images").glob("*.jpg"))[:2]
         body = {"dataframe_split": {"columns": ["image"], "data": [
             [base64.b64encode(p.read_bytes()).decode()] for p in images]}}
@@ -171,17 +132,6 @@ def test_mlflow_models_serve_captions_posted_images(project):
     finally:
         server.terminate()
         server.wait(30)
-    out = _run(["caption", "--model", model_uri, str(images[0])], clone, serve_env)
-    assert out.strip().split("\t")[0] == str(images[0])
-
-
-def test_push_pull_through_a_local_remote(project, tmp_path):
-    clone, env = project
-    _run(["dvc", "remote", "add", "-f", "-d", "store", str(tmp_path / "remote")], clone, env)
-    _run(["dvc", "push"], clone, env)
-    shutil.rmtree(clone / ".dvc" / "cache")
-    shutil.rmtree(clone / "data" / "resized")
-    (clone / "models" / "checkpoint.pt").unlink()
-    _run(["dvc", "pull"], clone, env)
-    assert (clone / "models" / "checkpoint.pt").is_file()
-    assert "Running stage" not in _run(["dvc", "repro"], clone, env)
+    # The registry's champion, from the repo's own store (no MLFLOW_TRACKING_URI needed).
+    out = _run(["caption", "--model", "models:/captioner@champion", str(images[0])], clone, env)
+    assert f"{images[0]}\t" in out

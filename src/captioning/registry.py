@@ -73,7 +73,7 @@ def promote(client: MlflowClient, name: str, version: ModelVersion, select_metri
     note = ""
     if champion is None:
         rivals = [v for v in client.search_model_versions(f"name = '{name}'")
-                  if v.version != version.version and _score(v, key) is not None]
+                  if str(v.version) != str(version.version) and _score(v, key) is not None]
         if not rivals:
             client.set_registered_model_alias(name, CHAMPION, version.version)
             return f"registry: {label} ({key} {mine:.4f}) is the first to compare: @{CHAMPION} -> v{version.version}"
@@ -84,12 +84,12 @@ def promote(client: MlflowClient, name: str, version: ModelVersion, select_metri
         return (f"registry: {label} ({key} {mine:.4f}): the champion v{champion.version} has no {key} to compare "
                 f"with; @{CHAMPION} stays on v{champion.version}")
     better = mine < theirs if lower else mine > theirs
+    winner = version if better else champion
     if better or note:
-        winner = version if better else champion
         client.set_registered_model_alias(name, CHAMPION, winner.version)
     verdict = f"beats v{champion.version} ({key} {theirs:.4f})" if better else \
         f"does not beat v{champion.version} ({key} {theirs:.4f})"
-    moved = f"@{CHAMPION} -> v{version.version}" if better else f"@{CHAMPION} stays on v{champion.version}"
+    moved = f"@{CHAMPION} -> v{winner.version}" if better or note else f"@{CHAMPION} stays on v{champion.version}"
     return f"registry: {label} ({key} {mine:.4f}) {verdict}{note}: {moved}"
 
 
