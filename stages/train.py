@@ -49,6 +49,9 @@ class Quiet:
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params, PARAMS)
     here = accel.world()
+    if accel.node_rank() >= params.train.nodes:  # a joining box whose params say it trains alone
+        raise ParamsError(f"{accel.NODE_RANK}={accel.node_rank()}, but train.nodes is {params.train.nodes}: number "
+                          f"the boxes 0 to {params.train.nodes - 1}, with the same params.yaml on each")
     if here.is_main and accel.node_rank() == 0:
         tracking.connect()  # a store that is down stops the stage here, before any work
     if params.train.processes * params.train.nodes > 1 and here.size == 1:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -14,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from captioning import accel, lineage, registry
 from captioning.errors import UserError
 from captioning.tracking import store_label
+from conftest import REPO, venv_env
 
 
 @pytest.mark.parametrize("uri, label", [
@@ -93,6 +96,17 @@ def test_several_boxes_train_through_a_c10d_rendezvous(monkeypatch):
     for key, value in {"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "4", "RANK": "0"}.items():
         monkeypatch.setenv(key, value)
     assert accel.world() == accel.World(rank=3, size=4, local_rank=1)
+
+
+def test_a_box_numbered_past_train_nodes_stops_in_one_line(tmp_path):
+    flags = ("data", "vocab", "backbone", "features", "pretrain-curve", "checkpoint", "metrics", "plots", "resume-dir")
+    args = [word for flag in flags for word in (f"--{flag}", "x")]
+    done = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), "--params", str(REPO / "params.yaml"),
+                           *args], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(venv_env(), CAPTIONING_NODE_RANK="1"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == ("train: CAPTIONING_NODE_RANK=1, but train.nodes is 1: number the boxes 0 to 0, "
+                                   "with the same params.yaml on each")
 
 
 def test_the_lineage_reads_the_pipeline_run_back(tmp_path, monkeypatch):
