@@ -32,7 +32,7 @@ def test_dev_scores_trains_on_a_prefix_and_scores_the_dev_images(tiny_data, tmp_
     run("stages/weights.py", "--params", p, "--out", str(d / "imagenet.json"), "--inputs", "inputs/model",
         "--data-inputs", "inputs/data")
     run("stages/pretrain.py", "--params", p, "--data", str(d / "resized"), "--weights", str(d / "imagenet.json"),
-        "--out", str(d / "backbone.pt"), "--metrics", str(d / "pretrain.json"))
+        "--out", str(d / "backbone.pt"), "--metrics", str(d / "pretrain.json"), "--plots", str(d / "loss.csv"))
     run("stages/features.py", "--params", p, "--data", str(d / "resized"), "--backbone", str(d / "backbone.pt"),
         "--out", str(d / "features"))
     common = ["bench/dev_scores.py", "--params", p, "--data", str(d / "resized"), "--backbone", str(d / "backbone.pt"),
