@@ -5,7 +5,7 @@
 # the same commit and inputs as box 0 (git pull && dvc pull). docs/team.md, "Training over several boxes".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${CAPTIONING_NODE_RANK:?set CAPTIONING_NODE_RANK to this box's number (1, 2, ...; 0 is the box running dvc)}"
+: "${CAPTIONING_NODE_RANK:?set CAPTIONING_NODE_RANK to the number of this box (1, 2, ...; 0 is the box running dvc)}"
 : "${CAPTIONING_RDZV_ENDPOINT:?set CAPTIONING_RDZV_ENDPOINT to host:port of box 0}"
 [ -x .venv/bin/python ] && . .venv/bin/activate
 cmd=$(python -c 'import yaml; print(yaml.safe_load(open("dvc.yaml"))["stages"]["train"]["cmd"])')

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import yaml
@@ -98,13 +97,12 @@ def test_several_boxes_train_through_a_c10d_rendezvous(monkeypatch):
     assert accel.world() == accel.World(rank=3, size=4, local_rank=1)
 
 
-def test_a_box_numbered_past_train_nodes_stops_in_one_line(tmp_path):
-    flags = ("data", "vocab", "backbone", "features", "pretrain-curve", "checkpoint", "metrics", "plots", "resume-dir")
-    args = [word for flag in flags for word in (f"--{flag}", "x")]
-    done = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), "--params", str(REPO / "params.yaml"),
-                           *args], cwd=tmp_path, capture_output=True, text=True,
-                          env=dict(venv_env(), CAPTIONING_NODE_RANK="1"))
+def test_a_joining_box_numbered_past_train_nodes_stops_in_one_line():
+    """scripts/join-training.sh runs dvc.yaml's train command; params.yaml's train.nodes is 1."""
+    done = subprocess.run(["bash", str(REPO / "scripts" / "join-training.sh")], capture_output=True, text=True,
+                          env=dict(venv_env(), CAPTIONING_NODE_RANK="1", CAPTIONING_RDZV_ENDPOINT="127.0.0.1:1"))
     assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "join-training: node 1 -> 127.0.0.1:1: python stages/train.py --data data/resized" in done.stdout
     assert done.stderr.strip() == ("train: CAPTIONING_NODE_RANK=1, but train.nodes is 1: number the boxes 0 to 0, "
                                    "with the same params.yaml on each")
 
