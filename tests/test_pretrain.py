@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torchvision
@@ -6,7 +8,7 @@ from captioning.data import EpochBatchSampler, load_scaled
 from captioning.datasets import read_split
 from captioning.images import Transform, scaled_side
 from captioning.model import Captioner
-from captioning.params import ModelParams
+from captioning.params import LR_SCHEDULES, ModelParams
 from captioning.pretrain import ConceptTargets, build_concepts, caption_concepts, image_batches, pretrain_backbone
 
 
@@ -41,6 +43,20 @@ def test_pretrain_changes_the_backbone_and_the_captioner_loads_it(tiny_data):
     state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
     model = Captioner.build(ModelParams(image_size=32, embed_size=8, hidden_size=8), 10, state)
     assert torch.equal(model.encoder.backbone[0].weight, backbone.conv1.weight)
+
+
+@pytest.mark.parametrize("schedule", LR_SCHEDULES)
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5])
+def test_every_schedule_pretrains_for_any_number_of_steps(tiny_data, schedule, steps):
+    """One epoch of the 48 train images in `steps` batches (a 4-step one-cycle run once divided by zero)."""
+    split = read_split(tiny_data, "train")
+    torch.manual_seed(0)
+    summary = pretrain_backbone(torchvision.models.resnet18(), split, build_concepts(split, 20, 2), image_size=32,
+                                epochs=1, batch_size=math.ceil(48 / steps), lr=0.004, seed=0,
+                                device=torch.device("cpu"), num_workers=0, bf16=False, schedule=schedule,
+                                log=lambda _: None)
+    assert summary["pretrain_steps"] == steps and len(summary["curve"]) == steps
+    assert summary["pretrain_loss"] == summary["pretrain_loss"]  # not NaN
 
 
 def test_images_decoded_once_give_the_batches_the_workers_give(tiny_data):

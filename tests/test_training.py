@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from captioning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from captioning.datasets import read_split
 from captioning.model import Captioner
-from captioning.params import ComputeParams, ModelParams, ParamsError, TrainParams
+from captioning.params import LR_SCHEDULES, ComputeParams, ModelParams, ParamsError, TrainParams
 from captioning.predict import Decoding, caption_images
 from captioning.synthetic import scene_scores
 from captioning.text import Vocabulary
@@ -79,6 +80,17 @@ def test_the_epoch_kept_has_the_lowest_val_loss_and_its_weights(tiny_data):
     model.load_state_dict(result.best_state)  # the weights kept are that epoch's, not the last
     data = training_data(vocab, train, val, MODEL.image_size, params)
     assert validate(model, data, torch.device("cpu"))["val_loss"] == pytest.approx(min(losses), rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule", LR_SCHEDULES)
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5])
+def test_every_schedule_trains_for_any_number_of_steps(tiny_data, schedule, steps):
+    """A one-epoch run of 1 to 5 steps (48 train images, one caption each, in `steps` batches)."""
+    train, val, vocab, model = _setup(tiny_data)
+    params = dataclasses.replace(TRAIN, epochs=1, batch_size=math.ceil(48 / steps), captions_per_image=1,
+                                 schedule=schedule)
+    result = _fit(model, vocab, train, val, params, Recorder(), scenes=False)
+    assert result.steps == steps and result.final_train_loss == result.final_train_loss  # not NaN
 
 
 @pytest.mark.parametrize("metric, values, kept", [("val_loss", [3.0, 2.0, 2.5], 2), ("cider", [0.1, 0.4, 0.3], 2),
