@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> None:
         fit_captioner(args, params, vocab, device, here, resume, Quiet())
         return
     record = resume.with_suffix(".run.json")  # the MLflow run of this training, for a resumed try
-    run, logged_step, logged_epoch = tracking.training_run(args.params, record)
+    run, logged_step, logged_epoch = tracking.training_run(args.params, record, resuming=resume.is_file())
     with tracking.active(run):
         tracking.log_datasets({split: (str(Path(args.data) / split), context)
                                for split, context in (("train", "training"), ("val", "validation"))})

@@ -315,16 +315,16 @@ def _end(run: mlflow.ActiveRun, status: str) -> None:
         pass
 
 
-def training_run(params_path: str | Path, record: Path) -> tuple[mlflow.ActiveRun, int, int]:
+def training_run(params_path: str | Path, record: Path, resuming: bool) -> tuple[mlflow.ActiveRun, int, int]:
     """The run train logs into, and the last step and epoch it holds already.
 
     `record` (beside the resume state) names the run an earlier try of this same training started.
-    When that try was cut off (killed, or the server went away) and the run is still in the store,
-    the resumed training continues it, so one training is one run with every point once;
-    otherwise a new run, with system metrics.
+    When that try was cut off (killed, or the server went away) after saving resume state
+    (`resuming`) and its run is still in the store, the resumed training continues it, so one
+    training is one run with every point once; otherwise a new run, with system metrics.
     """
     client = MlflowClient()
-    earlier = _saved_run(client, record)
+    earlier = _saved_run(client, record) if resuming else None
     if earlier is None:
         run = start_pipeline_run(params_path, "train", system_metrics=True)
         write_json_atomic(record, {"run_id": run.info.run_id})
@@ -478,40 +478,41 @@ class TrainingLogs:
     perplexity) and epochs (validation scores) to the run, buffered.
 
     A resumed training continues its run (`training_run`), which holds points up to
-    `logged_step` / `logged_epoch`; `catch_up` sends what the earlier try trained but never sent.
+    `logged_step` / `logged_epoch` already: those are not sent again, and `catch_up` sends what an
+    earlier try trained but never sent, so the run holds every point once.
     """
 
     def __init__(self, run_id: str, epochs: int, logged_step: int = 0, logged_epoch: int = 0):
         self.mlflow, self.epochs = MetricLogger(run_id), epochs
         self.logged_step, self.logged_epoch = logged_step, logged_epoch
-        self.first_step = self.first_epoch = None  # the first of this try's own
+        self.sent_steps, self.sent_epochs = set(), set()
 
     def on_step(self, row: dict) -> None:
         print(f"Epoch [{row['epoch']}/{self.epochs}], Step [{row['batch']}/{row['batches']}], "
               f"Loss: {row['loss']:.4f}, Perplexity: {row['perplexity']:5.4f}", flush=True)
-        self.first_step = self.first_step or row["step"]
         self._step(row)
 
     def on_epoch(self, row: dict) -> None:
         scores = _scores(row)
         print(f"epoch {row['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
-        self.first_epoch = self.first_epoch or row["epoch"]
         self._epoch(row)
         self.mlflow.flush()
 
     def catch_up(self, steps: list[dict], history: list[dict]) -> None:
         for row in steps:
-            if self.logged_step < row["step"] < (self.first_step or row["step"] + 1):
-                self._step(row)
+            self._step(row)
         for row in history:
-            if self.logged_epoch < row["epoch"] < (self.first_epoch or row["epoch"] + 1):
-                self._epoch(row)
+            self._epoch(row)
 
     def _step(self, row: dict) -> None:
-        self.mlflow.log({"train_loss": row["loss"], "train_perplexity": row["perplexity"]}, row["step"])
+        if row["step"] > self.logged_step and row["step"] not in self.sent_steps:
+            self.sent_steps.add(row["step"])
+            self.mlflow.log({"train_loss": row["loss"], "train_perplexity": row["perplexity"]}, row["step"])
 
     def _epoch(self, row: dict) -> None:
-        self.mlflow.log({val_key(k): v for k, v in _scores(row).items()}, row["epoch"])
+        if row["epoch"] > self.logged_epoch and row["epoch"] not in self.sent_epochs:
+            self.sent_epochs.add(row["epoch"])
+            self.mlflow.log({val_key(k): v for k, v in _scores(row).items()}, row["epoch"])
 
 
 def _scores(row: dict) -> dict:
