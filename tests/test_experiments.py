@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from servers import free_port, wait_http
-from test_pipeline import TINY, _run, make_clone
+from pipeline_repo import TINY, make_clone, run
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,9 @@ def _post(url: str, body: dict) -> dict:
 def project(tmp_path_factory):
     """A clone whose default pipeline has run and been committed."""
     clone, env = make_clone(tmp_path_factory.mktemp("exp"), TINY)
-    _run(["dvc", "repro"], clone, env)
-    _run(["git", "add", "-A"], clone, env)
-    _run(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
+    run(["dvc", "repro"], clone, env)
+    run(["git", "add", "-A"], clone, env)
+    run(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
     return clone, env
 
 
@@ -46,18 +46,18 @@ def test_queued_sweep_with_two_workers_lands_in_the_repo_store(project):
     clone, env = project
     client, exp_id = _client(clone)
     before = {r.info.run_id for r in client.search_runs([exp_id])}
-    _run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.003,0.0005"], clone, env)
-    _run(["dvc", "queue", "start", "-j", "2"], clone, env)
+    run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.003,0.0005"], clone, env)
+    run(["dvc", "queue", "start", "-j", "2"], clone, env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        status = _run(["dvc", "queue", "status"], clone, env)
+        status = run(["dvc", "queue", "status"], clone, env)
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(3)
     assert status.count("Success") == 2, status
     runs = [r for r in client.search_runs([exp_id]) if r.info.run_id not in before]
     assert sorted(r.data.params["train.lr"] for r in runs) == ["0.0005", "0.003"]
-    names = {e["name"] for rev in json.loads(_run(["dvc", "exp", "show", "--json"], clone, env))
+    names = {e["name"] for rev in json.loads(run(["dvc", "exp", "show", "--json"], clone, env))
              for e in (rev.get("experiments") or [])}
     for run in runs:
         assert run.info.run_name in names  # named after its DVC experiment
@@ -69,7 +69,7 @@ def test_queued_sweep_with_two_workers_lands_in_the_repo_store(project):
         assert (Path(model.artifact_location.removeprefix("file://")) / "artifacts" / "checkpoint.pt").is_file()
     assert not any((clone / ".dvc" / "tmp" / "exps").glob("tmp*/mlflow.db"))
     a, b = sorted(r.info.run_name for r in runs)
-    diff = json.loads(_run(["dvc", "plots", "diff", a, b, "--json"], clone, env))
+    diff = json.loads(run(["dvc", "plots", "diff", a, b, "--json"], clone, env))
     text = json.dumps(diff)
     assert a in text and b in text and "train_loss.csv" in text
 
@@ -77,33 +77,33 @@ def test_queued_sweep_with_two_workers_lands_in_the_repo_store(project):
 def test_run_cache_restores_without_a_new_run(project):
     clone, env = project
     client, exp_id = _client(clone)
-    _run(["dvc", "exp", "run", "-S", "train.lr=0.0007"], clone, env)
+    run(["dvc", "exp", "run", "-S", "train.lr=0.0007"], clone, env)
     count = len(client.search_runs([exp_id]))
-    out = _run(["dvc", "exp", "run", "-S", "train.lr=0.0007"], clone, env)
+    out = run(["dvc", "exp", "run", "-S", "train.lr=0.0007"], clone, env)
     assert "Running stage 'train'" not in out  # restored from DVC's run-cache
     assert len(client.search_runs([exp_id])) == count
     run_id = json.loads((clone / "reports" / "mlflow_run.json").read_text())["run_id"]
     assert client.get_run(run_id).data.params["train.lr"] == "0.0007"
-    diff = json.loads(_run(["dvc", "params", "diff", "--json"], clone, env))
+    diff = json.loads(run(["dvc", "params", "diff", "--json"], clone, env))
     assert diff["params.yaml"]["train.lr"]["new"] == 0.0007
-    metrics = json.loads(_run(["dvc", "metrics", "diff", "--all", "--json"], clone, env))
+    metrics = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], clone, env))
     assert "metrics/evaluate.json" in metrics
     # `dvc exp run` applied the experiment to the workspace: back to the committed baseline.
-    _run(["git", "checkout", "--", "."], clone, env)
-    _run(["dvc", "checkout", "--force"], clone, env)
-    assert "up to date" in _run(["dvc", "status"], clone, env)
+    run(["git", "checkout", "--", "."], clone, env)
+    run(["dvc", "checkout", "--force"], clone, env)
+    assert "up to date" in run(["dvc", "status"], clone, env)
 
 
 def test_plots_show_the_curves(project, tmp_path):
     """`dvc plots show` renders every curve with its data: no plot dropped for a missing column."""
     clone, env = project
     out = tmp_path / "plots"
-    _run(["dvc", "plots", "show", "-o", str(out)], clone, env)
+    run(["dvc", "plots", "show", "-o", str(out)], clone, env)
     page = (out / "index.html").read_text()
     for title in ("Training loss per step", "Validation per epoch (greedy captions)",
                   "Scene scores per epoch (synthetic data only)"):
         assert title in page, title
-    shown = json.loads(_run(["dvc", "plots", "show", "--json"], clone, env))
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], clone, env))
     assert not shown.get("errors"), shown["errors"]
     epochs = TINY["train"]["epochs"]
     for name in ("Validation per epoch (greedy captions)", "Scene scores per epoch (synthetic data only)"):
@@ -133,5 +133,5 @@ def test_mlflow_models_serve_captions_posted_images(project):
         server.terminate()
         server.wait(30)
     # The registry's champion, from the repo's own store (no MLFLOW_TRACKING_URI needed).
-    out = _run(["caption", "--model", "models:/captioner@champion", str(images[0])], clone, env)
+    out = run(["caption", "--model", "models:/captioner@champion", str(images[0])], clone, env)
     assert f"{images[0]}\t" in out

@@ -4,8 +4,6 @@ store they write, read back with MlflowClient."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,70 +11,9 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, venv_env
+from pipeline_repo import TINY, histories, make_clone, reset, run
 
 pytestmark = pytest.mark.slow
-
-TINY = {
-    "data": {"num_train": 40, "num_val": 8, "num_test": 8, "min_side": 100, "max_side": 160, "workers": 2},
-    "resize": {"side": 64, "workers": 2},
-    "model": {"image_size": 32, "embed_size": 16, "hidden_size": 24},
-    "pretrain": {"epochs": 1, "batch_size": 16},
-    "train": {"epochs": 2, "batch_size": 40, "log_every": 1},
-    "evaluate": {"gallery_size": 4},
-    "compute": {"num_workers": 0},
-}
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(base[key], value) if isinstance(value, dict) else value
-    return out
-
-
-def _run(cmd: list[str], cwd: Path, env: dict) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    return done.stdout + done.stderr
-
-
-def make_clone(tmp_path: Path, params_override: dict) -> tuple[Path, dict]:
-    """A git repo holding the project's pipeline, with `params_override` applied and committed."""
-    clone = tmp_path / "repo"
-    clone.mkdir()
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore", "stages", "src", "inputs"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, clone / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, clone / name)
-    (clone / ".dvc").mkdir()
-    shutil.copy2(REPO / ".dvc" / "config", clone / ".dvc" / "config")
-    shutil.copy2(REPO / ".dvc" / ".gitignore", clone / ".dvc" / ".gitignore")
-    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), params_override)
-    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = venv_env()
-    env.pop("MLFLOW_TRACKING_URI", None)  # the default store: <repo root>/mlflow.db
-    env["PYTHONPATH"] = str(clone / "src")  # run the clone's code, which DVC hashes
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.com")
-    _run(["git", "init", "-q", "-b", "main"], clone, env)
-    _run(["git", "add", "-A"], clone, env)
-    _run(["git", "commit", "-q", "-m", "baseline"], clone, env)
-    return clone, env
-
-
-def _reset(clone: Path, env: dict) -> None:
-    """`dvc exp run` leaves its experiment in the workspace: back to the committed baseline."""
-    _run(["git", "checkout", "--", "."], clone, env)
-    _run(["dvc", "checkout", "--force"], clone, env)
-
-
-def _histories(client: MlflowClient, run) -> dict[str, list[tuple[int, float]]]:
-    return {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
-            for key in run.data.metrics}
-
 
 def test_one_mlflow_run_per_experiment_and_the_record_never_changes(tmp_path):
     """Baseline, an evaluate-only experiment, a training experiment and a run-cache restore of it:
@@ -85,7 +22,7 @@ def test_one_mlflow_run_per_experiment_and_the_record_never_changes(tmp_path):
     clone, env = make_clone(tmp_path, TINY)
     client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
 
-    out = _run(["dvc", "repro"], clone, env)
+    out = run(["dvc", "repro"], clone, env)
     for stage in ("download", "vocab", "resize", "pretrain", "features", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out
     experiment = client.get_experiment_by_name("captioning")
@@ -102,43 +39,43 @@ def test_one_mlflow_run_per_experiment_and_the_record_never_changes(tmp_path):
     assert len(results) == 8 and set(results[0]) == {"image_id", "caption"}
     metrics = json.loads((clone / "metrics" / "evaluate.json").read_text())
     assert baseline.data.metrics["test_cider"] == pytest.approx(metrics["cider"])
-    before = _histories(client, baseline)
+    before = histories(client, baseline)
     assert len(before["train_loss"]) >= 2 and len(before["val_loss"]) == 2
     assert {"val_grounded", "val_strict"} <= set(before) and all(v == v for h in before.values() for _, v in h)  # no NaN
-    assert "up to date" in _run(["dvc", "status"], clone, env)
-    assert "Running stage" not in _run(["dvc", "repro"], clone, env)
+    assert "up to date" in run(["dvc", "status"], clone, env)
+    assert "Running stage" not in run(["dvc", "repro"], clone, env)
     # The checkpoint stores what train depends on, nothing more (no evaluate.* to decode with).
     stored = torch.load(clone / "models" / "checkpoint.pt", weights_only=True)["params"]
     assert set(stored) == set(yaml.safe_load((clone / "dvc.yaml").read_text())["stages"]["train"]["params"])
-    _run(["git", "add", "-A"], clone, env)
-    _run(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
-    head = _run(["git", "rev-parse", "HEAD"], clone, env).strip()
+    run(["git", "add", "-A"], clone, env)
+    run(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
+    head = run(["git", "rev-parse", "HEAD"], clone, env).strip()
 
-    out = _run(["dvc", "exp", "run", "-n", "beam1", "-S", "evaluate.beam_size=1"], clone, env)
+    out = run(["dvc", "exp", "run", "-n", "beam1", "-S", "evaluate.beam_size=1"], clone, env)
     assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out
     beam1_info = json.loads((clone / "reports" / "mlflow_run.json").read_text())
     assert json.loads((clone / "models" / "decoding.json").read_text())["beam_size"] == 1
     beam1_model = beam1_info["model_uri"]
-    _reset(clone, env)
+    reset(clone, env)
 
-    out = _run(["dvc", "exp", "run", "-n", "slow", "-S", "train.lr=0.0005"], clone, env)
+    out = run(["dvc", "exp", "run", "-n", "slow", "-S", "train.lr=0.0005"], clone, env)
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     for stage in ("download", "vocab", "resize", "pretrain", "features"):  # features are not recomputed
         assert f"Running stage '{stage}'" not in out
     slow_id = json.loads((clone / "reports" / "mlflow_run.json").read_text())["run_id"]
-    _reset(clone, env)
+    reset(clone, env)
 
-    out = _run(["dvc", "exp", "run", "-n", "slow-again", "-S", "train.lr=0.0005"], clone, env)
+    out = run(["dvc", "exp", "run", "-n", "slow-again", "-S", "train.lr=0.0005"], clone, env)
     assert "Running stage 'train'" not in out and "Running stage 'evaluate'" not in out  # DVC's run-cache
     assert json.loads((clone / "reports" / "mlflow_run.json").read_text())["run_id"] == slow_id
-    _reset(clone, env)
+    reset(clone, env)
 
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert sorted(runs) == sorted([baseline.info.run_name, "beam1", "slow"])  # no duplicate
     beam1, slow = runs["beam1"], runs["slow"]
     assert beam1.info.run_id == beam1_info["run_id"] and slow.info.run_id == slow_id
     # Every earlier run exactly as its own pipeline run left it.
-    assert _histories(client, runs[baseline.info.run_name]) == before
+    assert histories(client, runs[baseline.info.run_name]) == before
     assert runs[baseline.info.run_name].data.params == baseline.data.params
     # Each run's params are the ones its metrics came from.
     lr = str(yaml.safe_load((clone / "params.yaml").read_text())["train"]["lr"])
@@ -148,13 +85,13 @@ def test_one_mlflow_run_per_experiment_and_the_record_never_changes(tmp_path):
     for run in (beam1, slow):
         assert run.data.tags["dvc.exp_name"] == run.info.run_name
         assert run.data.tags["dvc.baseline_rev"] == head
-        history = _histories(client, run)
+        history = histories(client, run)
         assert all(len(history[k]) == 1 for k in history if k.startswith("test_"))
         assert {"test_bleu_4", "test_cider", "test_grounded", "test_strict", "train_loss", "val_loss"} <= set(history)
     assert "train.lr" in slow.data.tags["params.changed"] and "0.0005" in slow.data.tags["params.changed"]
     # The evaluate-only run links to the run that trained its checkpoint and holds its curves.
     assert beam1.data.tags["captioning.train_run_id"] == baseline.info.run_id
-    assert _histories(client, beam1)["train_loss"] == before["train_loss"]
+    assert histories(client, beam1)["train_loss"] == before["train_loss"]
     assert beam1.data.metrics["test_bleu_4"] != runs[baseline.info.run_name].data.metrics["test_bleu_4"] \
         or beam1.data.metrics["test_cider"] != runs[baseline.info.run_name].data.metrics["test_cider"]
     # What is served is what was evaluated: beam1's model decodes greedily; one weight file a run.

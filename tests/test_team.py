@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, venv_env
 from servers import S3_KEYS, MlflowServer, Postgres, Proxy, S3, free_port, wait_http
-from test_pipeline import TINY, _histories, _merge, _reset, _run, make_clone
+from pipeline_repo import TINY, histories, make_clone, merge, reset, run
 
 pytestmark = pytest.mark.slow
 
@@ -71,9 +71,9 @@ def team(tmp_path_factory):
 def box_a(team, tmp_path_factory):
     """Box A: the default pipeline run once against the server, and committed."""
     clone, env = team.box(tmp_path_factory.mktemp("box-a"))
-    out = _run(["dvc", "repro"], clone, env)
-    _run(["git", "add", "-A"], clone, env)
-    _run(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
+    out = run(["dvc", "repro"], clone, env)
+    run(["git", "add", "-A"], clone, env)
+    run(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
     return clone, env, out
 
 
@@ -130,22 +130,22 @@ def test_a_pipeline_run_lands_on_the_server_with_its_lineage(team, box_a):
 def test_evaluate_only_and_a_queued_sweep_land_there_too(team, box_a):
     clone, env, _ = box_a
     [baseline] = team.runs()
-    before = _histories(team.client, baseline)
-    out = _run(["dvc", "exp", "run", "-n", "beam1", "-S", "evaluate.beam_size=1"], clone, env)
+    before = histories(team.client, baseline)
+    out = run(["dvc", "exp", "run", "-n", "beam1", "-S", "evaluate.beam_size=1"], clone, env)
     assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out
-    _reset(clone, env)
+    reset(clone, env)
     # A sweep of two queued experiments: one trains longer at a higher rate (better on val), one
     # barely moves its weights (worse).
-    _run(["dvc", "exp", "run", "--queue", "-n", "better", "-S", "train.epochs=6", "-S", "train.lr=0.02"], clone, env)
-    _run(["dvc", "exp", "run", "--queue", "-n", "worse", "-S", "train.lr=0.000001"], clone, env)
-    _run(["dvc", "queue", "start", "-j", "1"], clone, env)
+    run(["dvc", "exp", "run", "--queue", "-n", "better", "-S", "train.epochs=6", "-S", "train.lr=0.02"], clone, env)
+    run(["dvc", "exp", "run", "--queue", "-n", "worse", "-S", "train.lr=0.000001"], clone, env)
+    run(["dvc", "queue", "start", "-j", "1"], clone, env)
     deadline = time.monotonic() + 600
-    while (status := _run(["dvc", "queue", "status"], clone, env)).count("Success") < 2:
+    while (status := run(["dvc", "queue", "status"], clone, env)).count("Success") < 2:
         assert "Failed" not in status and time.monotonic() < deadline, status
         time.sleep(3)
     runs = {r.info.run_name: r for r in team.runs()}
     assert sorted(runs) == sorted([baseline.info.run_name, "beam1", "better", "worse"])
-    assert _histories(team.client, runs[baseline.info.run_name]) == before  # earlier runs untouched
+    assert histories(team.client, runs[baseline.info.run_name]) == before  # earlier runs untouched
     for name, lr in (("better", "0.02"), ("worse", "1e-06")):
         assert runs[name].data.params["train.lr"] == lr and "test_cider" in runs[name].data.metrics
     beam1 = runs["beam1"]
@@ -184,30 +184,30 @@ def test_the_champion_is_served_by_alias(team, box_a):
     finally:
         server.terminate()
         server.wait(30)
-    out = _run(["caption", "--model", "models:/captioner@champion", str(images[0])], clone, env)
+    out = run(["caption", "--model", "models:/captioner@champion", str(images[0])], clone, env)
     assert f"{images[0]}\t" in out
 
 
 def test_an_experiment_moves_between_boxes(team, box_a, tmp_path):
     clone_a, env, _ = box_a
     origin = tmp_path / "origin.git"
-    _run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path, env)
-    _run(["git", "remote", "add", "origin", str(origin)], clone_a, env)
-    _run(["dvc", "remote", "add", "-d", "store", "s3://dvc/store"], clone_a, env)
-    _run(["dvc", "remote", "modify", "store", "endpointurl", team.s3.url], clone_a, env)
-    _run(["git", "commit", "-q", "-am", "the team's DVC remote"], clone_a, env)
-    _run(["git", "push", "-q", "origin", "main"], clone_a, env)
-    _run(["dvc", "exp", "run", "-n", "lr-half", "-S", "train.lr=0.002"], clone_a, env)
-    _run(["dvc", "exp", "push", "origin", "lr-half"], clone_a, env)
-    _run(["dvc", "push"], clone_a, env)
+    run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path, env)
+    run(["git", "remote", "add", "origin", str(origin)], clone_a, env)
+    run(["dvc", "remote", "add", "-d", "store", "s3://dvc/store"], clone_a, env)
+    run(["dvc", "remote", "modify", "store", "endpointurl", team.s3.url], clone_a, env)
+    run(["git", "commit", "-q", "-am", "the team's DVC remote"], clone_a, env)
+    run(["git", "push", "-q", "origin", "main"], clone_a, env)
+    run(["dvc", "exp", "run", "-n", "lr-half", "-S", "train.lr=0.002"], clone_a, env)
+    run(["dvc", "exp", "push", "origin", "lr-half"], clone_a, env)
+    run(["dvc", "push"], clone_a, env)
 
     clone_b = tmp_path / "box-b"
-    _run(["git", "clone", "-q", str(origin), str(clone_b)], tmp_path, env)
+    run(["git", "clone", "-q", str(origin), str(clone_b)], tmp_path, env)
     env_b = dict(env, PYTHONPATH=str(clone_b / "src"))
-    _run(["dvc", "exp", "pull", "origin", "lr-half"], clone_b, env_b)
-    _run(["dvc", "exp", "apply", "lr-half"], clone_b, env_b)
-    _run(["dvc", "pull"], clone_b, env_b)
-    assert "up to date" in _run(["dvc", "status"], clone_b, env_b)
+    run(["dvc", "exp", "pull", "origin", "lr-half"], clone_b, env_b)
+    run(["dvc", "exp", "apply", "lr-half"], clone_b, env_b)
+    run(["dvc", "pull"], clone_b, env_b)
+    assert "up to date" in run(["dvc", "status"], clone_b, env_b)
     lock = _lock(clone_a)
     assert _lock(clone_b) == lock
     for path in lock:
@@ -217,7 +217,7 @@ def test_an_experiment_moves_between_boxes(team, box_a, tmp_path):
     info = json.loads((clone_b / "reports" / "mlflow_run.json").read_text())
     run = team.client.get_run(info["run_id"])  # box A's run, on the shared server
     assert run.info.run_name == "lr-half" and run.data.params["train.lr"] == "0.002"
-    _reset(clone_a, env)
+    reset(clone_a, env)
 
 
 def test_the_run_page_shows_the_lineage_in_a_browser(team, box_a, tmp_path):
@@ -271,18 +271,18 @@ def test_a_wrong_or_unready_store_stops_the_stage_in_one_line(team, box_a, tmp_p
     team.client.create_registered_model("someone-elses")
     out = _fails(["dvc", "exp", "run", "-S", "evaluate.registered_model=someone-elses"], clone, env)
     assert "evaluate: evaluate.registered_model: " in out and "'someone-elses' that holds another kind" in out
-    _reset(clone, env)
+    reset(clone, env)
     # The champion's version deleted (which removes its alias): serving it says so in one line,
     # and the next version is compared with the best one left.
-    _run(["dvc", "exp", "run", "-S", "evaluate.registered_model=solo"], clone, env)
-    _reset(clone, env)
+    run(["dvc", "exp", "run", "-S", "evaluate.registered_model=solo"], clone, env)
+    reset(clone, env)
     team.client.delete_model_version("solo", "1")
     out = _fails(["caption", "--model", "models:/solo@champion", str(next((clone / "data" / "raw" / "test"
                                                                               / "images").glob("*.jpg")))], clone, env)
     assert out.strip().count("\n") == 0 and "caption: models:/solo@champion:" in out
-    out = _run(["dvc", "exp", "run", "-S", "evaluate.registered_model=solo", "-S", "evaluate.beam_size=1"], clone, env)
+    out = run(["dvc", "exp", "run", "-S", "evaluate.registered_model=solo", "-S", "evaluate.beam_size=1"], clone, env)
     assert "registry: solo v2" in out and "@champion -> v2" in out
-    _reset(clone, env)
+    reset(clone, env)
 
 
 def test_a_server_that_goes_away_mid_run_loses_nothing(team, box_a, tmp_path):
@@ -293,16 +293,16 @@ def test_a_server_that_goes_away_mid_run_loses_nothing(team, box_a, tmp_path):
     proxy = Proxy(team.server.port, cut_after=b'"train_loss"')
     clone, env = team.box(tmp_path, uri=proxy.url)
     env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0")
-    _run(["dvc", "repro", "features"], clone, env)
+    run(["dvc", "repro", "features"], clone, env)
     out = _fails(["dvc", "repro"], clone, env)
     assert "Epoch [2/2]" in out  # training went on after the cut
     [line] = [li for li in out.splitlines() if li.startswith("train: MLFLOW_TRACKING_URI=")]
     assert "no MLflow server answers there" in line and "The training is kept" in line
     assert "Running stage 'evaluate'" not in out
     proxy.restore()
-    out = _run(["dvc", "repro"], clone, env)
+    out = run(["dvc", "repro"], clone, env)
     assert "resumed from" in out and "Epoch [" not in out and "Running stage 'evaluate'" in out
-    assert "up to date" in _run(["dvc", "status"], clone, env)
+    assert "up to date" in run(["dvc", "status"], clone, env)
     run = team.client.get_run(json.loads((clone / "reports" / "mlflow_run.json").read_text())["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["captioning.resumed"] == "yes"
     steps = [m.step for m in team.client.get_metric_history(run.info.run_id, "train_loss")]
@@ -346,7 +346,7 @@ def test_training_over_two_nodes_matches_one_node_with_two_processes(tiny_data, 
     shutil.copytree(work, node1)
 
     def train(folder: Path, tag: str, **train_params) -> list[str]:
-        (folder / "params.yaml").write_text(yaml.safe_dump(_merge(params, {"train": train_params})))
+        (folder / "params.yaml").write_text(yaml.safe_dump(merge(params, {"train": train_params})))
         return [sys.executable, str(REPO / "stages" / "train.py"), "--data", "raw", "--vocab", "vocab.json",
                 "--backbone", "backbone.pt", "--features", "features", "--pretrain-curve", "none.csv",
                 "--checkpoint", f"{tag}/checkpoint.pt", "--metrics", f"{tag}/train.json", "--plots",
