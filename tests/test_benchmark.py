@@ -32,16 +32,6 @@ def test_benchmark_runs_and_both_ways_caption_alike(tmp_path):
     assert [r[f"scale_{n}"]["images"] for n in (24, 48)] == [24, 48]
 
 
-def test_attention_step_bench_times_both_forwards_and_the_lstm():
-    result = subprocess.run([sys.executable, "bench/attention_step.py", "--rounds", "1", "--steps", "1"], cwd=REPO,
-                            env=venv_env(), capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-                            check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for row in ("| attention, all to the longest step |", "| attention, each caption its own steps |", "| LSTM (packed) | "):
-        assert row in result.stdout
-    assert "own steps / to the longest: " in result.stdout
-
-
 def test_attention_focus_reads_an_attention_checkpoint_and_refuses_an_lstm_one(tiny_data, tmp_path):
     from captioning.checkpoint import save_checkpoint
     from captioning.datasets import read_split
