@@ -57,6 +57,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.data import DataLoader, Dataset
 
 from captioning import accel, features
+from captioning.contention import QUIET_LOAD, busy_cpu_seconds, other_load, own_cpu_seconds
 from captioning.datasets import SPLITS, Split, images_dir, read_split
 from captioning.images import Transform, resize_all
 from captioning.model import Captioner
@@ -145,9 +146,6 @@ class Paths:
 
 # ---- running a piece in isolation -----------------------------------------------------------
 
-QUIET_LOAD = 0.1  # cores other processes may use during a piece before it counts as contended
-
-
 def _child(conn, start_method: str, fn, args) -> None:
     try:
         # A spawned process inherits "spawn" as its default start method; the measured code must see
@@ -164,19 +162,6 @@ def _child(conn, start_method: str, fn, args) -> None:
         conn.close()
 
 
-def busy_cpu_seconds() -> float:
-    """CPU seconds all processes on this machine have used since boot (Linux /proc/stat)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds of this process and its joined children (DataLoader / resize workers)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
 class Stopwatch:
     """Wall time of a measured region, and the cores other processes used meanwhile.
 
@@ -190,8 +175,7 @@ class Stopwatch:
     def stop(self, end: float | None = None) -> dict:
         """`end`: when the measured work ended, if before now (the window for the load is all of it)."""
         now = time.perf_counter()
-        others = busy_cpu_seconds() - self.busy - (own_cpu_seconds() - self.own)
-        return {"seconds": (end or now) - self.started, "other_load": max(0.0, others) / (now - self.started)}
+        return {"seconds": (end or now) - self.started, "other_load": other_load(self.busy, self.own, now - self.started)}
 
 
 def best_of(repeats: int, work) -> dict:

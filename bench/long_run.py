@@ -14,7 +14,7 @@ epoch records:
   which a leak of tensors, images or files would make grow;
 * the median step time (the gap between consecutive steps; the first gap of an epoch includes the
   worker start and is left out) and the epoch's wall time;
-* the cores other processes used meanwhile (as in bench/benchmark.py): on a shared 2-core
+* the cores other processes used meanwhile (`captioning.contention`, as in bench/benchmark.py): on a shared 2-core
   machine one busy neighbour makes torch's 2 OpenMP threads spin and a 70 ms step take 2.5 s
   (CPU time per step rises with it, so it is no way around this).
 
@@ -39,6 +39,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from captioning.contention import QUIET_LOAD, busy_cpu_seconds, other_load, own_cpu_seconds
 from captioning.datasets import SPLITS, images_dir, read_split
 from captioning.images import resize_all
 from captioning.model import Captioner
@@ -46,8 +47,6 @@ from captioning.params import ComputeParams, DataParams, load_params
 from captioning.text import Vocabulary
 from captioning.synthetic import write_dataset
 from captioning.training import fit, training_data
-
-from benchmark import QUIET_LOAD, busy_cpu_seconds, own_cpu_seconds  # bench/benchmark.py: the same contention measure
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
@@ -83,7 +82,7 @@ class EpochProbe:
     def on_epoch(self, row: dict) -> None:
         gaps = [b - a for a, b in zip(self.step_times[1:], self.step_times[2:])]
         wall = time.perf_counter() - self.epoch_started
-        others = busy_cpu_seconds() - self.busy - (own_cpu_seconds() - self.own)
+        others = other_load(self.busy, self.own, wall)
         gc.collect()
         self.rows.append({
             "epoch": row["epoch"],
@@ -96,7 +95,7 @@ class EpochProbe:
             "step_s": statistics.median(gaps) if gaps else float("nan"),
             "steps": len(self.step_times),
             "epoch_s": wall,
-            "other_load": max(0.0, others) / wall,
+            "other_load": others,
             "train_loss": row["train_loss"],
             "cider": row["cider"],
         })
