@@ -25,7 +25,7 @@ PARAMS = ("seed", "features", "model.backbone", "model.image_size", "model.decod
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params, PARAMS)
-    device = accel.prepare(params.compute)  # before any tensor work: it picks the CPU kernels
+    runtime = accel.runtime(params.compute)  # before any tensor work: it picks the CPU kernels
     started = time.perf_counter()
     with atomic_path(args.out) as tmp:
         tmp.mkdir(parents=True)
@@ -43,11 +43,10 @@ def main(args: argparse.Namespace) -> None:
         for split in SPLITS:
             data = read_split(args.data, split)
             views = settings.views if split == "train" else 1  # evaluation sees the centre crop
-            chunks = features.batches(
-                cnn, [data.image_path(r) for r in data.images], image_size=params.model.image_size,
-                device=device, views=views, hflip=params.train.hflip, seed=params.seed,
-                batch_size=settings.batch_size, num_workers=params.compute.num_workers, bf16=params.compute.bf16,
-                grid=grid, desc=f"features {split}")
+            crops = features.Views(params.model.image_size, views, params.train.hflip)
+            chunks = features.batches(cnn, [data.image_path(r) for r in data.images], crops, seed=params.seed,
+                                      batch_size=settings.batch_size, runtime=runtime, grid=grid,
+                                      desc=f"features {split}")
             meta = {"backbone": params.model.backbone, "image_size": params.model.image_size}
             if grid:
                 meta.update(grid=True, grid_layer=params.model.grid_layer)

@@ -20,7 +20,7 @@ PARAMS = ("seed", "pretrain", "model.backbone", "model.image_size", "compute")
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params, PARAMS)
     torch.manual_seed(params.seed)
-    device = accel.prepare(params.compute)
+    runtime = accel.runtime(params.compute)
     backbone = resnet(params.model.backbone)
     imagenet = recorded_weights(args.weights, params.model.backbone)  # None unless model.pretrained
     if imagenet is not None:
@@ -29,11 +29,8 @@ def main(args: argparse.Namespace) -> None:
     if params.pretrain.epochs:
         split = read_split(args.data, "train")
         concepts = build_concepts(split, params.pretrain.max_concepts, params.pretrain.min_images)
-        summary |= pretrain_backbone(
-            backbone, split, concepts, image_size=params.model.image_size, epochs=params.pretrain.epochs,
-            batch_size=params.pretrain.batch_size, lr=params.pretrain.lr, seed=params.seed,
-            device=device, num_workers=params.compute.num_workers, bf16=params.compute.bf16,
-            schedule=params.pretrain.schedule)
+        summary |= pretrain_backbone(backbone, split, concepts, params.pretrain, image_size=params.model.image_size,
+                                     seed=params.seed, runtime=runtime)
         curve = summary.pop("curve")
     # The head is task-specific; the captioner gets the feature layers only.
     state = {k: v.cpu() for k, v in backbone.state_dict().items() if not k.startswith("fc.")}

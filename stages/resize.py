@@ -16,10 +16,10 @@ from collections import Counter
 from pathlib import Path
 
 from captioning.datasets import (SPLITS, DatasetError, captions_path, check_links, coco_captions, images_dir,
-                                 load_json, read_split)
+                                 read_split)
 from captioning.errors import run_stage
 from captioning.images import BadImageError, resize_all
-from captioning.io import atomic_path, write_json_atomic
+from captioning.io import atomic_path, read_json, write_json_atomic
 from captioning.params import load_params
 
 PARAMS = ("resize", "data.on_bad_image")
@@ -49,7 +49,7 @@ def main(params_path: str, data: str, out: str) -> None:
                 raise DatasetError(f"{err}. Fix or remove the file, or set data.on_bad_image: skip to leave such "
                                    f"images out (they are listed in {Path(out) / 'bad_images.json'})") from None
             kept = [r for i, r in enumerate(records) if i not in bad]
-            info = load_json(captions_path(data, split)).get("info", {})
+            info = read_json(captions_path(data, split)).get("info", {})
             doc = coco_captions(kept, raw.captions, info.get("description", split))
             captions_path(tmp, "").write_text(json.dumps(doc, separators=(",", ":")))
         report["skipped"][split] = [{"file_name": records[i]["file_name"], "id": records[i]["id"],

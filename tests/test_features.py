@@ -11,16 +11,19 @@ import pytest
 import torch
 import torchvision
 
-from captioning import features
+from captioning import data, features
+from captioning.accel import Runtime
 from captioning.backbone import trunk
-from captioning.datasets import read_split
+from captioning.data import FeatureDataset
+from captioning.datasets import Split, read_split
 from captioning.images import Transform, load_rgb
 from captioning.model import Captioner
 from captioning.params import ComputeParams, ModelParams, TrainParams
 from captioning.text import Vocabulary
-from captioning.training import fit, training_data
+from captioning.training import Callbacks, fit, training_data
 
 SIZE = 32
+INLINE = Runtime(compute=ComputeParams(num_workers=0))  # tiny images: worker processes would only add start-up
 
 
 def _cnn():
@@ -32,15 +35,14 @@ def test_views_are_the_centre_crop_then_seeded_random_crops(tiny_data):
     split = read_split(tiny_data, "val")
     paths = [split.image_path(r) for r in split.images[:5]]
     cnn = _cnn()
-    settings = dict(image_size=SIZE, device=torch.device("cpu"), views=3, hflip=False, seed=1, num_workers=0,
-                    bf16=False)
-    array = features.extract(cnn, paths, batch_size=2, **settings)
+    crops = features.Views(SIZE, views=3, hflip=False)
+    array = features.extract(cnn, paths, crops, seed=1, batch_size=2, runtime=INLINE)
     assert array.shape == (5, 3, 512) and array.dtype == np.float16
     with torch.no_grad():
         centre = cnn(torch.stack([Transform(SIZE)(load_rgb(p)) for p in paths])).flatten(1)
     assert torch.allclose(torch.from_numpy(array[:, 0]).float(), centre, rtol=1e-2, atol=1e-3)
     assert not np.array_equal(array[:, 1], array[:, 0]) and not np.array_equal(array[:, 1], array[:, 2])
-    again = features.extract(cnn, paths, batch_size=5, **{**settings, "num_workers": 2})
+    again = features.extract(cnn, paths, crops, seed=1, batch_size=5, runtime=Runtime(compute=ComputeParams(num_workers=2)))
     assert np.array_equal(array, again)  # the same crops whatever the batch size and workers
 
 
@@ -53,16 +55,14 @@ def test_grids_are_written_in_chunks_memory_mapped_and_read_back_by_kind(tmp_pat
         features.read(tmp_path, "train", [3, 1, 4, 5, 9], 8)
     with pytest.raises(ValueError, match="3 rows of features for 5 images"):
         features.write(tmp_path / "short", "train", [3, 1, 4, 5, 9], iter([grids[:3]]), {})
-    # Past FeatureDataset's in-memory limit the rows stay on disk, read one item at a time: the
-    # same values, in the records' order, as when they fit in memory.
-    from captioning.data import FeatureDataset
-    from captioning.datasets import Split
+    # Past the in-memory limit the rows stay on disk, read one item at a time: the same values,
+    # in the records' order, as when they fit in memory.
 
     split = Split([{"id": i, "file_name": f"{i}.jpg"} for i in (3, 1, 4, 5, 9)],
                   {i: ["a red circle"] for i in (3, 1, 4, 5, 9)}, tmp_path)
     vocab = Vocabulary.build(["a red circle"], 1)
     in_memory = FeatureDataset(split, vocab, back)
-    monkeypatch.setattr(FeatureDataset, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(data, "IN_MEMORY_BYTES", 0)
     mapped = FeatureDataset(split, vocab, back)
     assert isinstance(mapped.features, np.memmap) and not isinstance(in_memory.features, np.memmap)
     for item in [(0, 11), (2, 12), (4, 13)]:
@@ -81,12 +81,6 @@ def test_read_refuses_features_of_other_images_or_backbone(tmp_path):
         features.read(tmp_path, "test", [1], 512)
 
 
-class _Quiet:
-    def on_step(self, row): pass
-
-    def on_epoch(self, row): pass
-
-
 @pytest.mark.parametrize("decoder, size", [("lstm", SIZE), ("attention", SIZE)])
 def test_training_from_cached_features_matches_training_from_the_images(tiny_data, decoder, size):
     """With one centre-crop view, cached features are the images' backbone output (in float16):
@@ -97,7 +91,6 @@ def test_training_from_cached_features_matches_training_from_the_images(tiny_dat
     model_params = ModelParams(image_size=size, embed_size=16, hidden_size=24, train_backbone=False, decoder=decoder,
                                attention_size=8)
     params = TrainParams(epochs=2, batch_size=40, captions_per_image=0, random_crop=False, log_every=1)
-    cpu = torch.device("cpu")
     state = {k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items()
              if not k.startswith("fc.")}
 
@@ -105,12 +98,11 @@ def test_training_from_cached_features_matches_training_from_the_images(tiny_dat
         torch.manual_seed(3)
         model = Captioner.build(model_params, len(vocab), state)
         data = training_data(vocab, train, val, size, params, cached)
-        return fit(model, data, params, seed=5, device=cpu, callbacks=_Quiet(), compute=ComputeParams(num_workers=0))
+        return fit(model, data, params, seed=5, runtime=INLINE, callbacks=Callbacks())
 
     cnn = Captioner.build(model_params, len(vocab), state).encoder.backbone
-    cached = tuple(features.extract(cnn, [s.image_path(r) for r in s.images], image_size=size, device=cpu,
-                                    views=1, hflip=False, seed=0, batch_size=16, num_workers=0, bf16=False,
-                                    grid=decoder == "attention")
+    cached = tuple(features.extract(cnn, [s.image_path(r) for r in s.images], features.Views(size, 1, False),
+                                    seed=0, batch_size=16, runtime=INLINE, grid=decoder == "attention")
                    for s in (train, val))
     assert cached[1].shape == ((len(val.images), 1, 4, 256) if decoder == "attention" else (len(val.images), 1, 512))
     from_images, from_features = run(None), run(cached)
@@ -126,5 +118,5 @@ def test_cached_features_need_a_frozen_backbone(tiny_data):
     dummy = np.zeros((len(train.images), 1, 512), np.float16)
     with pytest.raises(ValueError, match="frozen backbone"):
         params = dataclasses.replace(TrainParams(), epochs=1)
-        fit(model, training_data(vocab, train, train, SIZE, params, (dummy, dummy)), params, seed=0,
-            device=torch.device("cpu"), callbacks=_Quiet(), compute=ComputeParams(num_workers=0))
+        fit(model, training_data(vocab, train, train, SIZE, params, (dummy, dummy)), params, seed=0, runtime=INLINE,
+            callbacks=Callbacks())

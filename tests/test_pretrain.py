@@ -4,12 +4,15 @@ import pytest
 import torch
 import torchvision
 
+from captioning.accel import Runtime
 from captioning.data import EpochBatchSampler, load_scaled
 from captioning.datasets import read_split
 from captioning.images import Transform, scaled_side
 from captioning.model import Captioner
-from captioning.params import LR_SCHEDULES, ModelParams
+from captioning.params import LR_SCHEDULES, ComputeParams, ModelParams, PretrainParams
 from captioning.pretrain import ConceptTargets, build_concepts, caption_concepts, image_batches, pretrain_backbone
+
+INLINE = Runtime(compute=ComputeParams(num_workers=0))
 
 
 def test_concepts_are_content_words_and_adjacent_content_word_pairs():
@@ -35,9 +38,9 @@ def test_pretrain_changes_the_backbone_and_the_captioner_loads_it(tiny_data):
     torch.manual_seed(0)
     backbone = torchvision.models.resnet18()
     before = backbone.conv1.weight.clone()
-    summary = pretrain_backbone(backbone, split, concepts, image_size=32, epochs=1, batch_size=16,
-                                lr=0.002, seed=0, device=torch.device("cpu"), num_workers=0, bf16=False,
-                                schedule="constant", log=lambda _: None)
+    settings = PretrainParams(epochs=1, batch_size=16, lr=0.002, schedule="constant")
+    summary = pretrain_backbone(backbone, split, concepts, settings, image_size=32, seed=0, runtime=INLINE,
+                                log=lambda _: None)
     assert summary["pretrain_steps"] == 3 and summary["concepts"] == len(concepts)
     assert not torch.equal(before, backbone.conv1.weight)
     state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
@@ -51,10 +54,9 @@ def test_every_schedule_pretrains_for_any_number_of_steps(tiny_data, schedule, s
     """One epoch of the 48 train images in `steps` batches (a 4-step one-cycle run once divided by zero)."""
     split = read_split(tiny_data, "train")
     torch.manual_seed(0)
-    summary = pretrain_backbone(torchvision.models.resnet18(), split, build_concepts(split, 20, 2), image_size=32,
-                                epochs=1, batch_size=math.ceil(48 / steps), lr=0.004, seed=0,
-                                device=torch.device("cpu"), num_workers=0, bf16=False, schedule=schedule,
-                                log=lambda _: None)
+    settings = PretrainParams(epochs=1, batch_size=math.ceil(48 / steps), lr=0.004, schedule=schedule)
+    summary = pretrain_backbone(torchvision.models.resnet18(), split, build_concepts(split, 20, 2), settings,
+                                image_size=32, seed=0, runtime=INLINE, log=lambda _: None)
     assert summary["pretrain_steps"] == steps and len(summary["curve"]) == steps
     assert summary["pretrain_loss"] == summary["pretrain_loss"]  # not NaN
 
@@ -65,10 +67,10 @@ def test_images_decoded_once_give_the_batches_the_workers_give(tiny_data):
     paths = [split.image_path(r) for r in split.images]
     transform = Transform(32, random_crop=True, hflip=True)
     sampler = EpochBatchSampler(len(paths), 16, seed=3, epoch=1)
-    streamed = list(image_batches(paths, transform, sampler, None, num_workers=1, pin_memory=False))
+    streamed = list(image_batches(paths, transform, sampler, None, Runtime()))
     scaled = load_scaled(paths, 32, workers=1)
     assert scaled.dtype == torch.uint8 and scaled.shape == (48, 3, scaled_side(32), scaled_side(32))
-    in_memory = list(image_batches(paths, transform, sampler, scaled, num_workers=1, pin_memory=False))
+    in_memory = list(image_batches(paths, transform, sampler, scaled, Runtime()))
     assert len(in_memory) == len(streamed) == 3
     for a, b in zip(in_memory, streamed):
         assert torch.equal(a, b)

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from captioning.datasets import DatasetError, read_split
-from captioning.errors import UserError
+from captioning.errors import InputError, UserError
 from captioning.images import BadImageError, load_rgb, resize_all
 from conftest import REPO, venv_env
 
@@ -60,7 +60,7 @@ def test_malformed_captions_name_the_file_and_record(tmp_path):
     folder.mkdir()
     path = folder / "captions.json"
     path.write_text("{not json")
-    with pytest.raises(DatasetError, match=r"captions\.json: not valid JSON"):
+    with pytest.raises(InputError, match=r"captions\.json: not valid JSON"):
         read_split(tmp_path, "train")
     path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
                                 "annotations": [{"image_id": 1, "caption": "x"}, {"image_id": 9, "caption": "y"}]}))

@@ -14,29 +14,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from captioning import features
-from captioning.accel import World
+from captioning.accel import Runtime, World
 from captioning.backbone import resnet
 from captioning.datasets import Split, read_split
 from captioning.model import Captioner
-from captioning.params import ComputeParams, DataParams, ModelParams, TrainParams
+from captioning.params import ComputeParams, DataParams, ModelParams, PretrainParams, TrainParams
 from captioning.predict import Decoding, caption_images
 from captioning.pretrain import build_concepts, pretrain_backbone
 from captioning.synthetic import write_dataset
 from captioning.text import Vocabulary
-from captioning.training import fit, training_data
+from captioning.training import Callbacks, fit, training_data
 
 SIZE = 32
 MODEL = ModelParams(image_size=SIZE, embed_size=16, hidden_size=24, train_backbone=False)
 # 128 images a step, as the default: 129 images leave one for a last batch
 TRAIN = TrainParams(epochs=1, batch_size=128, captions_per_image=1, log_every=1000)
 CPU = torch.device("cpu")
-INLINE = ComputeParams(num_workers=0)
-
-
-class _Quiet:
-    def on_step(self, row): pass
-
-    def on_epoch(self, row): pass
+INLINE = Runtime(compute=ComputeParams(num_workers=0))
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +48,8 @@ def _first(split: Split, n: int) -> Split:
 
 
 def _cached(model: Captioner, *splits: Split):
-    return tuple(features.extract(model.encoder.backbone, [s.image_path(r) for r in s.images], image_size=SIZE,
-                                  device=CPU, views=1, hflip=False, seed=0, batch_size=64, num_workers=0, bf16=False)
+    return tuple(features.extract(model.encoder.backbone, [s.image_path(r) for r in s.images],
+                                  features.Views(SIZE, 1, False), seed=0, batch_size=64, runtime=INLINE)
                  for s in splits)
 
 
@@ -65,18 +59,18 @@ def test_pretrain_features_train_and_caption_from_one_image_up(data_129, n):
     train = _first(full, n)
     torch.manual_seed(0)
     backbone = resnet("resnet18")
-    summary = pretrain_backbone(backbone, train, build_concepts(train, 50, 1), image_size=SIZE, epochs=1,
-                                batch_size=128, lr=0.002, seed=0, device=CPU, num_workers=0, bf16=False,
-                                schedule="onecycle", log=lambda _: None)
+    settings = PretrainParams(epochs=1, batch_size=128, lr=0.002, schedule="onecycle")
+    summary = pretrain_backbone(backbone, train, build_concepts(train, 50, 1), settings, image_size=SIZE, seed=0,
+                                runtime=INLINE, log=lambda _: None)
     assert summary["pretrain_steps"] == 1  # 129 = one batch of 129, not 128 + 1
     state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
     model = Captioner.build(MODEL, len(vocab), state)
     result = fit(model, training_data(vocab, train, val, SIZE, TRAIN, _cached(model, train, val)), TRAIN, seed=0,
-                 device=CPU, callbacks=_Quiet(), compute=INLINE)
+                 runtime=INLINE, callbacks=Callbacks())
     assert result.steps == 1 and torch.isfinite(torch.tensor(result.final_train_loss))
     from_images = Captioner.build(dataclasses.replace(MODEL, train_backbone=True), len(vocab), state)
-    result = fit(from_images, training_data(vocab, train, val, SIZE, TRAIN), TRAIN, seed=0, device=CPU,
-                 callbacks=_Quiet(), compute=INLINE)
+    result = fit(from_images, training_data(vocab, train, val, SIZE, TRAIN), TRAIN, seed=0, runtime=INLINE,
+                 callbacks=Callbacks())
     assert result.steps == 1
     greedy = Decoding(beam_size=1, length_penalty=0.0, bf16=False)
     assert len(caption_images(model, vocab, [train.image_path(train.images[0])], CPU, greedy, progress=False)) == 1
@@ -87,8 +81,7 @@ def test_a_step_of_one_image_is_refused_naming_the_param(data_129):
     params = dataclasses.replace(TRAIN, batch_size=5, captions_per_image=0)  # 5 captions: 1 image a step
     model = Captioner.build(MODEL, len(vocab))
     with pytest.raises(ValueError, match=r"train\.batch_size 5 makes steps of 1 image"):
-        fit(model, training_data(vocab, train, val, SIZE, params), params, seed=0, device=CPU, callbacks=_Quiet(),
-            compute=INLINE)
+        fit(model, training_data(vocab, train, val, SIZE, params), params, seed=0, runtime=INLINE, callbacks=Callbacks())
 
 
 def _rank(rank: int, port: int, n: int, train: Split, val: Split, vocab: Vocabulary, out: dict) -> None:
@@ -99,7 +92,7 @@ def _rank(rank: int, port: int, n: int, train: Split, val: Split, vocab: Vocabul
         model = Captioner.build(MODEL, len(vocab))
         params = dataclasses.replace(TRAIN, epochs=2)
         result = fit(model, training_data(vocab, _first(train, n), val, SIZE, params, _cached(model, _first(train, n), val)),
-                     params, seed=0, device=CPU, callbacks=_Quiet(), compute=INLINE, here=World(rank, 2))
+                     params, seed=0, runtime=Runtime(compute=INLINE.compute, world=World(rank, 2)), callbacks=Callbacks())
         out[rank] = (result.steps, {k: v.clone() for k, v in result.best_state.items()})
     finally:
         dist.destroy_process_group()

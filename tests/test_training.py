@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from captioning.accel import Runtime
 from captioning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from captioning.datasets import read_split
 from captioning.model import Captioner
@@ -20,7 +21,7 @@ MODEL = ModelParams(backbone="resnet18", image_size=32, embed_size=32, hidden_si
 # All 5 captions of an image per step: 8 images a batch, 6 steps an epoch on the 48 train images.
 TRAIN = TrainParams(epochs=2, batch_size=40, captions_per_image=0, lr=0.003, log_every=1, checkpoint_every=2,
                     select_metric="cider")
-INLINE = ComputeParams(num_workers=0)  # tiny images: worker processes would only add start-up
+INLINE = Runtime(compute=ComputeParams(num_workers=0))  # tiny images: worker processes would only add start-up
 
 
 class Recorder:
@@ -46,7 +47,7 @@ def _setup(tiny_data):
 
 def _fit(model, vocab, train, val, params, callbacks, resume=None, scenes=True):
     data = training_data(vocab, train, val, MODEL.image_size, params, scene_scores=scene_scores if scenes else None)
-    return fit(model, data, params, seed=0, device=torch.device("cpu"), callbacks=callbacks, compute=INLINE,
+    return fit(model, data, params, seed=0, runtime=INLINE, callbacks=callbacks,
                resume_path=resume)
 
 

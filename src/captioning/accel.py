@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from captioning.errors import UserError
+from captioning.params import ComputeParams, ParamsError
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -44,8 +46,8 @@ def prepare(compute) -> torch.device:
 # The three libraries behind PyTorch's CPU kernels each pick their code path by the CPU's widest
 # instruction set, and paths round differently: on an AVX-512/AMX Xeon the default pipeline's
 # backbone came out other than on the machine that wrote dvc.lock. Each variable caps one library
-# (measured with bench/cpu_isa.py: ATen's elementwise and softmax kernels, oneDNN's convolutions,
-# MKL's matrix products); all three are read lazily, at the first kernel that needs them.
+# (ATen's elementwise and softmax kernels, oneDNN's convolutions, MKL's matrix products; see
+# docs/reproducibility.md); all three are read lazily, at the first kernel that needs them.
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
 
 
@@ -131,6 +133,26 @@ def node_rank() -> int:
     return int(value)
 
 
+def check_node(nodes: int) -> None:
+    """Stop a joining box whose number is past `train.nodes` (its params say fewer boxes train)."""
+    if node_rank() >= nodes:
+        raise ParamsError(f"{NODE_RANK}={node_rank()}, but train.nodes is {nodes}: number the boxes 0 to "
+                          f"{nodes - 1}, with the same params.yaml on each")
+
+
+def relaunch(processes: int, nodes: int, argv: list[str]) -> bool:
+    """Run `argv` as `processes` DDP processes on each of `nodes` boxes when the params ask for
+    more than one and this process is not one of them yet. True: it ran (and succeeded) there."""
+    if processes * nodes == 1 or world().size > 1:
+        return False
+    command = torchrun_command(processes, nodes, argv)
+    print(f"train: {nodes} node(s) x {processes} process(es): {' '.join(command)}", flush=True)
+    status = subprocess.run(command).returncode
+    if status:
+        sys.exit(status)
+    return True
+
+
 def torchrun_command(processes: int, nodes: int, argv: list[str]) -> list[str]:
     """`argv` (this script and its arguments) as `processes` DDP processes on each of `nodes` boxes.
 
@@ -157,6 +179,35 @@ def init_distributed(device: torch.device) -> World:
     if here.size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=here.rank, world_size=here.size)
     return here
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where a stage computes: the device, the `compute` params, and this process's place in a
+    torchrun job. The one object passed down to every loop that runs tensors."""
+
+    device: torch.device = torch.device("cpu")
+    compute: ComputeParams = ComputeParams()
+    world: World = World()
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        return autocast(self.device, self.compute.bf16)
+
+    def channels_last(self, tensor_or_module):
+        return channels_last(tensor_or_module, self.device)
+
+
+def runtime(compute: ComputeParams, distributed: bool = False) -> Runtime:
+    """`prepare`, then (with `distributed`) join torchrun's process group on this process's GPU."""
+    device = prepare(compute)
+    if not distributed:
+        return Runtime(device, compute)
+    here = init_distributed(device)
+    return Runtime(device_for(device, here), compute, here)
 
 
 def leave_distributed() -> None:

@@ -7,14 +7,13 @@ rerun a COCO-sized pretraining or feature extraction.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from captioning.datasets import load_json
+from captioning.io import file_digest, read_json
 from captioning.errors import UserError
 from captioning.params import BACKBONES, ModelParams
 
@@ -33,14 +32,6 @@ def resnet(name: str) -> nn.Module:
 
 def hub_checkpoints() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def architecture(state: dict) -> str | None:
@@ -74,11 +65,11 @@ def load_weights(path: Path, backbone: str) -> dict:
 
 def recorded_weights(record_path: str | Path, backbone: str) -> dict | None:
     """The state_dict the weights stage recorded (None: not pretrained), checked against the record."""
-    entry = load_json(record_path, missing="run the weights stage (dvc repro weights)")
+    entry = read_json(record_path, missing="run the weights stage (dvc repro weights)")
     if not entry.get("pretrained"):
         return None
     path = Path(entry["weights_path"]) if entry["weights_path"] else hub_checkpoints() / entry["file"]
-    if not path.is_file() or file_sha256(path) != entry["sha256"]:
+    if not path.is_file() or file_digest(path) != entry["sha256"]:
         raise WeightsError(f"{path}: {'gone' if not path.is_file() else 'changed'} since the weights stage "
                            f"recorded it in {record_path}: run `dvc repro -f weights`")
     return load_weights(path, backbone)

@@ -23,6 +23,10 @@ from captioning.images import Scale, Transform, load_rgb
 from captioning.text import Vocabulary
 
 
+# Arrays that fit in this many bytes are read (or decoded) into memory once; larger ones stream.
+IN_MEMORY_BYTES = 4 << 30
+
+
 class ImageDataset(Dataset):
     """Item -> transform(image): the one Dataset of image files.
 
@@ -81,13 +85,11 @@ class FeatureDataset(CaptionDataset):
     grids: 113k x 49 x 2048, 23 GB) stay memory-mapped and each item reads its own row.
     """
 
-    IN_MEMORY_BYTES = 4 << 30
-
     def __init__(self, split: Split, vocab: Vocabulary, features, captions_per_image: int = 0):
         super().__init__(split, vocab, transform=None, captions_per_image=captions_per_image)
         row = {r["id"]: n for n, r in enumerate(split.images)}
         self.rows = [row[r["id"]] for r in self.records]
-        if features.nbytes <= self.IN_MEMORY_BYTES:
+        if features.nbytes <= IN_MEMORY_BYTES:
             self.features, self.rows = features[self.rows], list(range(len(self.rows)))
         else:
             self.features = features
@@ -167,8 +169,7 @@ def load_scaled(paths: list, image_size: int, workers: int = 0, desc: str = "dec
     """Every image decoded and scaled once: (N, 3, side, side) uint8, in `paths` order.
 
     For loops that visit small images many times (pretraining at 32 px), where decoding a 256 px
-    JPEG every epoch competes with the network's step for the same cores: measured, a pretraining
-    epoch of 8,000 images went from 34 s to 24 s (64 images per step).
+    JPEG every epoch competes with the network's step for the same cores.
     """
     workers = workers or min(os.cpu_count() or 1, 8)
     loader = DataLoader(ImageDataset(paths, Scale(image_size)), batch_size=256, num_workers=workers)

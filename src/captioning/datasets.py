@@ -9,12 +9,12 @@ for split in train, val, test.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from captioning.errors import UserError
+from captioning.io import read_json
 from captioning.text import has_words
 
 SPLITS = ("train", "val", "test")
@@ -52,7 +52,7 @@ def images_dir(root: str | Path, split: str) -> Path:
 def read_split(root: str | Path, split: str) -> Split:
     """Read `<root>/<split>/captions.json`, its images in `<root>/<split>/images`."""
     path = captions_path(root, split)
-    images, captions, empty = parse_coco(load_json(path, missing="run the download stage first (dvc repro download)"), path)
+    images, captions, empty = parse_coco(read_json(path, missing="run the download stage first (dvc repro download)"), path)
     return Split(images, captions, images_dir(root, split), empty_captions=empty)
 
 
@@ -71,17 +71,6 @@ def check_links(root: str | Path) -> None:
                 raise DatasetError(f"{link} links to {os.readlink(link)}, which is gone (a removed download "
                                    "cache or a moved image folder): run `dvc repro -f download` to fetch or "
                                    "link the images again")
-
-
-def load_json(path: str | Path, missing: str = "") -> object:
-    """Parse a JSON file; a missing or malformed one is a DatasetError naming it."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: missing{'; ' + missing if missing else ''}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{path}: not valid JSON ({err})") from None
 
 
 def parse_coco(coco, path: str | Path, keep_empty: bool = False) -> tuple[list[dict], dict[int, list[str]], int]:

@@ -14,16 +14,20 @@ import sys
 import time
 from collections.abc import Callable
 
-from captioning import lineage
-
 
 class UserError(Exception):
     """A problem in what the user gave the pipeline; the message says what and how to fix it."""
 
 
+class InputError(UserError, ValueError):
+    """A file a stage reads is missing or malformed; the message names it."""
+
+
 def run_stage(stage: str, main: Callable[..., object], *args) -> None:
     """`main(*args)`, with user errors (and a full disk) reported in one line. A stage that ends
     well records its time for the pipeline run's MLflow record (`lineage`)."""
+    from captioning import lineage  # here: lineage writes through io, which raises the errors above
+
     status = 1
     started = time.perf_counter()
     try:

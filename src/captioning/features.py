@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from captioning import accel
+from captioning.accel import Runtime
 from captioning.data import ImageDataset
 from captioning.errors import UserError
 from captioning.images import Transform
@@ -54,30 +54,29 @@ class Views:
 
 
 @torch.no_grad()
-def batches(backbone: torch.nn.Module, paths: list, *, image_size: int, device: torch.device,
-            views: int, hflip: bool, seed: int, batch_size: int, num_workers: int, bf16: bool,
+def batches(backbone: torch.nn.Module, paths: list, crops: Views, *, seed: int, batch_size: int, runtime: Runtime,
             grid: bool = False, desc: str = "features") -> Iterator[np.ndarray]:
-    """The backbone's float16 output for `paths`, batch by batch: (b, views, F) pooled, or with
-    `grid` (b, views, P, F). `backbone` is `backbone.trunk(resnet)`, for `grid` without its
-    last layer (the average pool); run in eval mode, bf16 on CUDA when `bf16`."""
-    backbone = accel.channels_last(backbone.eval().to(device), device)
+    """The backbone's float16 output for `crops` of each of `paths`, batch by batch: (b, views, F)
+    pooled, or with `grid` (b, views, P, F). `backbone` is `backbone.trunk(resnet)`, for `grid`
+    without its last layer (the average pool); run in eval mode, bf16 on CUDA when `compute.bf16`."""
+    backbone = runtime.channels_last(backbone.eval().to(runtime.device))
     # Each image's crops are drawn from its own seed: the same with any number of workers.
     items = [(index, (seed * 1_000_003 + index) * 64) for index in range(len(paths))]
-    loader = DataLoader(ImageDataset(paths, Views(image_size, views, hflip)), batch_size=batch_size,
-                        sampler=items, num_workers=num_workers, pin_memory=device.type == "cuda")
-    for crops in tqdm(loader, desc=desc, unit="batch"):
-        b = crops.size(0)
-        images = accel.channels_last(crops.flatten(0, 1).to(device, non_blocking=True), device)
-        with accel.autocast(device, bf16):
+    loader = DataLoader(ImageDataset(paths, crops), batch_size=batch_size, sampler=items,
+                        num_workers=runtime.compute.num_workers, pin_memory=runtime.pin_memory)
+    for images in tqdm(loader, desc=desc, unit="batch"):
+        b = images.size(0)
+        images = runtime.channels_last(images.flatten(0, 1).to(runtime.device, non_blocking=True))
+        with runtime.autocast():
             out = backbone(images)
         out = out.flatten(2).transpose(1, 2) if grid else out.flatten(1)  # (b*views, P, F) or (b*views, F)
-        yield out.reshape(b, views, *out.shape[1:]).to(torch.float16).cpu().numpy()
+        yield out.reshape(b, crops.views, *out.shape[1:]).to(torch.float16).cpu().numpy()
 
 
-def extract(backbone: torch.nn.Module, paths: list, **settings) -> np.ndarray:
-    """All of `batches(backbone, paths, **settings)` in one array (for sizes that fit in memory)."""
-    chunks = list(batches(backbone, paths, **settings))
-    return np.concatenate(chunks) if chunks else np.zeros((0, settings["views"], 0), np.float16)
+def extract(backbone: torch.nn.Module, paths: list, crops: Views, **settings) -> np.ndarray:
+    """All of `batches(backbone, paths, crops, **settings)` in one array (for sizes that fit in memory)."""
+    chunks = list(batches(backbone, paths, crops, **settings))
+    return np.concatenate(chunks) if chunks else np.zeros((0, crops.views, 0), np.float16)
 
 
 def write(folder: Path, split: str, ids: list[int], chunks: np.ndarray | Iterable[np.ndarray], meta: dict) -> None:

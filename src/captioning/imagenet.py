@@ -20,9 +20,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from captioning.backbone import WeightsError, file_sha256, hub_checkpoints
+from captioning.backbone import WeightsError, hub_checkpoints
 from captioning.download import Archive, DownloadError, fetch
-from captioning.io import write_json_atomic
+from captioning.io import file_digest, write_json_atomic
 from captioning.params import ParamsError
 
 
@@ -57,7 +57,7 @@ def obtain(backbone: str, version: str, weights_path: str, base_url: str,
     wanted = archive(backbone, version, table)
     cached = hub_checkpoints() / wanted.name
     if cached.is_file():
-        if not wanted.matches(file_sha256(cached)):
+        if not wanted.matches(file_digest(cached)):
             raise WeightsError(f"{cached}: its sha256 does not start with {wanted.digest}, as its name says: a "
                                "corrupt or foreign file; delete it and run the stage again to fetch it")
         return cached, "the torch hub cache"
@@ -75,4 +75,4 @@ def record(out: str | Path, backbone: str, version: str, weights_path: str, path
         write_json_atomic(out, {"pretrained": False})
         return
     write_json_atomic(out, {"pretrained": True, "backbone": backbone, "version": version,
-                            "weights_path": weights_path, "file": path.name, "sha256": file_sha256(path)})
+                            "weights_path": weights_path, "file": path.name, "sha256": file_digest(path)})

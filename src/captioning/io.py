@@ -1,17 +1,21 @@
-"""Atomic file output: write to a temporary name beside the target, then rename.
+"""Files in and out: atomic writes, JSON reads and file digests, one spelling each.
 
-An interrupted stage therefore never leaves a half-written file that DVC could cache as a result.
+Output is written to a temporary name beside the target, then renamed: an interrupted stage
+therefore never leaves a half-written file that DVC could cache as a result.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+
+from captioning.errors import InputError
 
 
 @contextmanager
@@ -47,6 +51,23 @@ def write_csv_atomic(path: str | Path, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(path, buf.getvalue())
+
+
+def read_json(path: str | Path, missing: str = "") -> object:
+    """Parse a JSON file; a missing or malformed one is an InputError naming it (and `missing`, the fix)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing{'; ' + missing if missing else ''}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes, read in chunks (weights and archives are large)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def _remove(path: Path) -> None:

@@ -1,16 +1,18 @@
-"""The optimizer and its learning-rate schedule, one spelling for pretrain and train."""
+"""The optimizer, its learning-rate schedule and the training step: one spelling for pretrain and train."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
+
+from captioning.accel import Runtime
 
 
 def adam(parameters, lr: float, device: torch.device) -> torch.optim.Adam:
     """Adam, fused into one kernel over all parameters on CPU and CUDA: the same update as the
-    default implementation's loop of small elementwise ops per tensor, up to rounding, in less time
-    (docs/benchmarks.md)."""
+    default implementation's loop of small elementwise ops per tensor, up to rounding, in less time."""
     return torch.optim.Adam(parameters, lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
@@ -36,3 +38,23 @@ def lr_schedule(optimizer: torch.optim.Optimizer, schedule: str, peak: float, to
             warnings.simplefilter("ignore", UserWarning)
             scheduler.step()
     return scheduler
+
+
+class TrainingStep:
+    """One optimizer step, the same in pretrain and train: the loss under bf16 autocast (CUDA),
+    backward, Adam, then the schedule (`scheduler` None: a constant rate)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                 runtime: Runtime):
+        self.optimizer, self.scheduler, self.runtime = optimizer, scheduler, runtime
+
+    def __call__(self, losses: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """`losses()` -> (the loss to log, the objective to minimize); returns the first, detached."""
+        with self.runtime.autocast():
+            logged, objective = losses()
+        self.optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return logged.detach()

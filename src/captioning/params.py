@@ -245,8 +245,8 @@ class ComputeParams:
     bf16: bool = True  # CUDA: bf16 autocast (and channels_last for the CNN); ignored elsewhere
     deterministic: bool = False  # CUDA: deterministic algorithms (slower); CPU runs repeat anyway
     # CPU kernels: native, the widest this CPU has (AVX-512 or AVX2), or avx2 on any x86-64 CPU:
-    # the same bits on every machine with AVX2, at 2.5x the pretrain step on an AVX-512 CPU
-    # (bench/cpu_isa.py), which is why it is not the default
+    # the same bits on every machine with AVX2, but much slower on an AVX-512 CPU
+    # (docs/reproducibility.md), which is why it is not the default
     cpu_isa: str = "native"
 
     def check(self) -> None:

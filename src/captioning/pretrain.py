@@ -2,8 +2,7 @@
 
 Offline there are no ImageNet weights, and a Show-and-Tell model trained from scratch learns to
 see very slowly: the image reaches the LSTM only as its first input, so early on the decoder
-learns the language and ignores a CNN that has not learnt anything yet (measured: grounded score
-still ~0.05 after 750 steps). Teaching the CNN first to predict which words and word pairs
+learns the language and ignores a CNN that has not learnt anything yet (docs/model.md). Teaching the CNN first to predict which words and word pairs
 ("red", "red circle", "left of") occur in an image's captions, as in Fang et al. 2015 ("From
 captions to visual concepts and back"), breaks that deadlock. It needs no labels beyond the
 captions, so it works the same on COCO; with ImageNet weights it fine-tunes them, or is skipped.
@@ -20,11 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from captioning import accel
-from captioning.data import EpochBatchSampler, ImageDataset, load_scaled
+from captioning.accel import Runtime
+from captioning.data import IN_MEMORY_BYTES, EpochBatchSampler, ImageDataset, load_scaled
 from captioning.datasets import Split
 from captioning.images import Transform, normalize, scaled_side
-from captioning.optim import adam, lr_schedule
+from captioning.optim import TrainingStep, adam, lr_schedule
+from captioning.params import PretrainParams
 from captioning.text import tokenize
 
 
@@ -69,26 +69,20 @@ class ConceptTargets:
                         self.targets[n, index[concept]] += 1.0 / len(captions)
 
 
-# Images are decoded once and kept in memory, scaled, when they fit in this many bytes (8,000
-# images at 32 px: 33 MB); COCO at 224 px (22 GB) streams through DataLoader workers instead.
-IN_MEMORY_BYTES = 2 << 30
-
-
 def image_batches(paths: list, transform: Transform, sampler: EpochBatchSampler, scaled: torch.Tensor | None,
-                  num_workers: int, pin_memory: bool):
+                  runtime: Runtime):
     """The epoch's augmented image batches, in `sampler` order: cropped from `scaled` (the images
     decoded once) when given, else decoded by DataLoader workers. Both give identical tensors."""
     if scaled is None:
-        yield from DataLoader(ImageDataset(paths, transform), batch_sampler=sampler, num_workers=num_workers,
-                              pin_memory=pin_memory)
+        yield from DataLoader(ImageDataset(paths, transform), batch_sampler=sampler,
+                              num_workers=runtime.compute.num_workers, pin_memory=runtime.pin_memory)
         return
     for batch in sampler.batches():
         yield normalize(torch.stack([transform.crop(scaled[i], random.Random(s)) for i, s in batch]))
 
 
-def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], *, image_size: int,
-                      epochs: int, batch_size: int, lr: float, seed: int, device: torch.device,
-                      num_workers: int, bf16: bool, schedule: str, log=print) -> dict:
+def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], settings: PretrainParams, *,
+                      image_size: int, seed: int, runtime: Runtime, log=print) -> dict:
     """Train `backbone` (a torchvision ResNet; its fc is replaced) to predict caption concepts.
 
     Returns a summary (final loss, steps, seconds) and under "curve" the loss of every step, as
@@ -97,37 +91,27 @@ def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], *,
     records = split.captioned()
     paths = [split.image_path(r) for r in records]
     transform = Transform(image_size, random_crop=True)
+    # Small images (the synthetic data at 32 px) are decoded once and kept; COCO at 224 px streams.
     in_memory = len(paths) * 3 * scaled_side(image_size) ** 2 <= IN_MEMORY_BYTES
     scaled = load_scaled(paths, image_size, desc="pretrain: decode once") if in_memory else None
-    targets = ConceptTargets(split, records, concepts).targets
+    targets = ConceptTargets(split, records, concepts).targets.to(runtime.device)
     backbone.fc = nn.Linear(backbone.fc.in_features, len(concepts))
-    backbone = accel.channels_last(backbone.to(device), device).train()
-    optimizer = adam(backbone.parameters(), lr, device)
+    backbone = runtime.channels_last(backbone.to(runtime.device)).train()
+    optimizer = adam(backbone.parameters(), settings.lr, runtime.device)
+    steps_per_epoch = len(EpochBatchSampler(len(paths), settings.batch_size, seed + 1, 0))
+    step = TrainingStep(optimizer, lr_schedule(optimizer, settings.schedule, settings.lr,
+                                               settings.epochs * steps_per_epoch), runtime)
     criterion = nn.BCEWithLogitsLoss()
-    steps_per_epoch = len(EpochBatchSampler(len(paths), batch_size, seed + 1, 0))
-    scheduler = lr_schedule(optimizer, schedule, lr, epochs * steps_per_epoch)
-    started, step, last, curve = time.perf_counter(), 0, torch.tensor(math.nan), []
-    for epoch in range(epochs):
+    started, curve = time.perf_counter(), []
+    for epoch in range(settings.epochs):
+        sampler = EpochBatchSampler(len(paths), settings.batch_size, seed + 1, epoch)
         losses = []  # on the device: reading each one at once would sync with the GPU every step
-        sampler = EpochBatchSampler(len(paths), batch_size, seed + 1, epoch)
-        batches = image_batches(paths, transform, sampler, scaled, num_workers, pin_memory=device.type == "cuda")
-        for batch, images in zip(sampler.batches(), batches):
-            index = torch.tensor([i for i, _ in batch])
-            images = accel.channels_last(images.to(device, non_blocking=True), device)
-            with accel.autocast(device, bf16):
-                logits = backbone(images)
-            loss = criterion(logits.float(), targets[index].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            step += 1
-            last = loss.detach()
-            losses.append(last)
-        first = step - len(losses) + 1
-        curve += [{"step": first + i, "epoch": epoch + 1, "loss": value}
+        for batch, images in zip(sampler.batches(), image_batches(paths, transform, sampler, scaled, runtime)):
+            images = runtime.channels_last(images.to(runtime.device, non_blocking=True))
+            wanted = targets[torch.tensor([i for i, _ in batch], device=runtime.device)]
+            losses.append(step(lambda: (criterion(backbone(images).float(), wanted),) * 2))
+        curve += [{"step": len(curve) + i + 1, "epoch": epoch + 1, "loss": value}
                   for i, value in enumerate(torch.stack(losses).float().cpu().tolist())] if losses else []
-        log(f"pretrain epoch {epoch + 1}/{epochs}: concept loss {float(last):.4f}")
-    return {"pretrain_loss": float(last), "pretrain_steps": step,
+        log(f"pretrain epoch {epoch + 1}/{settings.epochs}: concept loss {curve[-1]['loss'] if curve else math.nan:.4f}")
+    return {"pretrain_loss": curve[-1]["loss"] if curve else math.nan, "pretrain_steps": len(curve),
             "pretrain_seconds": round(time.perf_counter() - started, 1), "concepts": len(concepts), "curve": curve}

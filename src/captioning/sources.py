@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.datasets import DatasetError, SPLITS, captions_path, coco_captions, images_dir, load_json, parse_coco
+from captioning.datasets import DatasetError, SPLITS, captions_path, coco_captions, images_dir, parse_coco
 from captioning.download import Archive, check_free_space, fetch, safe_extract
+from captioning.io import file_digest, read_json
 from captioning.params import DataParams
 
 # The one table of what is downloaded. COCO publishes no checksums itself; the md5 values are the
@@ -130,7 +131,7 @@ def load_table(checksums: str) -> dict[str, Archive]:
     file: a mirror's own copies."""
     if not checksums:
         return dict(ARCHIVES)
-    raw = load_json(checksums)
+    raw = read_json(checksums)
     table = dict(ARCHIVES)
     for name, entry in (raw.items() if isinstance(raw, dict) else []):
         known = name in table or WEIGHTS_FILE.match(str(name))
@@ -180,7 +181,7 @@ def _karpathy(params: DataParams, fetcher: _Fetcher) -> tuple[Path, dict]:
         path = Path(params.karpathy_json).expanduser()
     else:
         path = fetcher.extracted(KARPATHY_ZIP, keep=lambda m: m.endswith(".json")) / name
-    return path, load_json(path, missing=f"expected Karpathy's {name}")
+    return path, read_json(path, missing=f"expected Karpathy's {name}")
 
 
 def karpathy_entries(doc, path: str | Path) -> dict[str, list[dict]]:
@@ -208,7 +209,7 @@ def _coco(params: DataParams, fetcher: _Fetcher) -> Dataset:
     for image_zip in image_zips:
         stem = image_zip.removesuffix(".zip")  # train2014, val2014, ...
         path = ann_root / "annotations" / f"captions_{stem}.json"
-        images, captions, _ = parse_coco(load_json(path), path, keep_empty=True)
+        images, captions, _ = parse_coco(read_json(path), path, keep_empty=True)
         for record in images:
             official[record["id"]] = ({**record, "file_name": f"{stem}/{record['file_name']}"}, captions[record["id"]])
     karpathy_path, doc = _karpathy(params, fetcher)
@@ -245,7 +246,7 @@ def _local(params: DataParams, seed: int) -> Dataset:
         raise DatasetError("data.source local needs data.annotations: a COCO captions json (or a Karpathy-format "
                            "json with a 'split' per image)")
     path = Path(params.annotations).expanduser()
-    doc = load_json(path)
+    doc = read_json(path)
     if isinstance(doc, dict) and isinstance(doc.get("images"), list) and "annotations" not in doc:
         splits = _from_karpathy(doc, path)  # Karpathy format: its own split per image
     else:
@@ -345,4 +346,4 @@ def _karpathy_pin(params: DataParams, fetcher: _Fetcher, path: Path) -> str:
 
 
 def _sha256(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return "sha256:" + file_digest(path)

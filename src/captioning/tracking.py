@@ -38,9 +38,10 @@ from requests.exceptions import RequestException
 
 from captioning import lineage
 from captioning.errors import UserError
-from captioning.io import write_json_atomic
+from captioning.io import file_digest, write_json_atomic
 from captioning.metrics import val_key
 from captioning.params import ParamsError, flatten, load_params, parse_params
+from captioning.training import Callbacks, FitResult
 
 EXPERIMENT = "captioning"
 PIPELINE_RUN = "captioning.pipeline_run"  # tag: the pipeline run (lineage.pipeline_run) that made the run
@@ -315,8 +316,9 @@ def _end(run: mlflow.ActiveRun, status: str) -> None:
         pass
 
 
-def training_run(params_path: str | Path, record: Path, resuming: bool) -> tuple[mlflow.ActiveRun, int, int]:
-    """The run train logs into, and the last step and epoch it holds already.
+def training_run(params_path: str | Path, record: Path, resuming: bool, epochs: int) -> tuple[mlflow.ActiveRun,
+                                                                                           "TrainingLogs"]:
+    """The run train logs into, and its callbacks (which skip the steps and epochs it holds already).
 
     `record` (beside the resume state) names the run an earlier try of this same training started.
     When that try was cut off (killed, or the server went away) after saving resume state
@@ -328,12 +330,22 @@ def training_run(params_path: str | Path, record: Path, resuming: bool) -> tuple
     if earlier is None:
         run = start_pipeline_run(params_path, "train", system_metrics=True)
         write_json_atomic(record, {"run_id": run.info.run_id})
-        return run, 0, 0
+        return run, TrainingLogs(run.info.run_id, epochs)
     run = mlflow.start_run(run_id=earlier.info.run_id, log_system_metrics=True)
     mlflow.set_tags({PIPELINE_RUN: lineage.pipeline_run(), "captioning.resumed": "yes"})
     last = {key: max((m.step for m in client.get_metric_history(run.info.run_id, key)), default=0)
             for key in ("train_loss", "val_loss")}
-    return run, last["train_loss"], last["val_loss"]
+    return run, TrainingLogs(run.info.run_id, epochs, last["train_loss"], last["val_loss"])
+
+
+def log_training_inputs(data: str | Path, pretrain_curve: str | Path) -> None:
+    """What train reads, in its run: the train and val splits, the earlier stages' times and
+    pretrain's loss curve (when pretrain ran)."""
+    log_datasets({split: (str(Path(data) / split), context) for split, context in (("train", "training"),
+                                                                                 ("val", "validation"))})
+    log_stage_times(lineage.stage_times(before="train"))
+    if Path(pretrain_curve).is_file():
+        log_curve(mlflow.active_run().info.run_id, pretrain_curve, "pretrain_loss", "loss")
 
 
 def _saved_run(client: MlflowClient, record: Path):
@@ -473,7 +485,7 @@ def _nothing():
     yield
 
 
-class TrainingLogs:
+class TrainingLogs(Callbacks):
     """Training callbacks of rank 0: print each logged step like the seed, and send steps (loss,
     perplexity) and epochs (validation scores) to the run, buffered.
 
@@ -503,6 +515,20 @@ class TrainingLogs:
             self._step(row)
         for row in history:
             self._epoch(row)
+
+    def finish(self, result: FitResult, checkpoint: str | Path, kept: Path) -> None:
+        """Send what is left, then the run's summary and the checkpoint's md5 (how evaluate finds
+        this run). A store still down stops here in one line naming the `kept` training."""
+        self.catch_up(result.step_rows, result.history)
+        try:
+            self.mlflow.flush(final=True)
+        except TrackingError as err:
+            raise TrackingError(f"{err}. The training is kept ({kept}): run the stage again once the "
+                                "store answers, and it logs the run without training again") from None
+        # Wall time goes to MLflow only: in the DVC metrics file it would differ run to run.
+        # The checkpoint is logged once, inside the model evaluate logs with its decoding.
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.seconds})
+        mlflow.set_tag(CHECKPOINT_MD5, file_digest(checkpoint, "md5"))
 
     def _step(self, row: dict) -> None:
         if row["step"] > self.logged_step and row["step"] not in self.sent_steps:

@@ -1,9 +1,9 @@
 """The training loop: the seed's (Adam, CrossEntropy on packed targets, teacher forcing), plus
 validation on generated captions each epoch, best-epoch selection, early stopping and exact resume.
 
-Read top to bottom: `fit` is the driver; `train_one_epoch` and `validate` do the work; the
-`ResumeState` dataclass is everything a resumed run needs beside weights and optimizer, and
-`ResumeFile` its only reader and writer. DistributedDataParallel and torch.compile are applied in
+Read top to bottom: `fit` is the driver; `train_one_epoch` (given the epoch's loader) and
+`validate` do the work; the `ResumeState` dataclass is everything a resumed run needs beside
+weights and optimizer, and `ResumeFile` its only reader and writer. DistributedDataParallel and torch.compile are applied in
 `fit` alone; `train_one_epoch` only sees the wrapped network.
 
 Exact resume works because nothing here draws from a global RNG: batch order is a function of
@@ -14,13 +14,14 @@ weights, optimizer state and the position in the epoch therefore continues the s
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from statistics import median
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -29,16 +30,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.data import DataLoader
 
-from captioning import accel
-from captioning.accel import World
+from captioning import accel, features, synthetic
+from captioning.accel import Runtime, World
 from captioning.data import CaptionDataset, EpochBatchSampler, FeatureDataset, collate_captions
-from captioning.datasets import Split
+from captioning.datasets import Split, read_split
 from captioning.images import Transform
-from captioning.io import atomic_path
+from captioning.io import atomic_path, file_digest
 from captioning.metrics import quick_scores
 from captioning.model import Captioner
-from captioning.optim import adam, lr_schedule
-from captioning.params import ComputeParams, ParamsError, TrainParams
+from captioning.optim import TrainingStep, adam, lr_schedule
+from captioning.params import Params, ParamsError, TrainParams
 from captioning.text import Vocabulary
 
 # Scores that need more than the captions (the synthetic data's scenes): (records, id -> caption)
@@ -46,10 +47,15 @@ from captioning.text import Vocabulary
 SceneScores = Callable[[list[dict], dict[int, str]], dict[str, float]]
 
 
-class Callbacks(Protocol):
-    def on_step(self, row: dict) -> None: ...
+class Callbacks:
+    """What `fit` reports: a row per logged step and per epoch. This base reports nowhere (the
+    ranks other than 0 under torchrun); the train stage's MLflow logger overrides both."""
 
-    def on_epoch(self, row: dict) -> None: ...
+    def on_step(self, row: dict) -> None:
+        pass
+
+    def on_epoch(self, row: dict) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,37 @@ def training_data(vocab: Vocabulary, train_split: Split, val_split: Split, image
     return TrainingData(vocab, train, val, val_split.captions,
                         images_per_batch(train_split, params.batch_size, params.captions_per_image),
                         cached=features is not None, scene_scores=scene_scores)
+
+
+def captioner_and_data(folder: str | Path, backbone: str | Path, cached: str | Path, vocab: Vocabulary,
+                       params: Params) -> tuple[Captioner, TrainingData]:
+    """The captioner to train (on the pretrained `backbone` file) and its data, read from the
+    dataset `folder`, and from the `cached` features folder when the backbone is frozen."""
+    train_split, val_split = read_split(folder, "train"), read_split(folder, "val")
+    scenes = synthetic.has_scenes(val_split.captioned())
+    if params.train.select_metric in synthetic.SCENE_METRICS and not scenes:
+        raise ParamsError(f"train.select_metric is {params.train.select_metric}, which needs the synthetic "
+                          "dataset's scenes; this dataset has none: pick cider, bleu_4 or val_loss")
+    model = Captioner.build(params.model, len(vocab), torch.load(backbone, map_location="cpu", weights_only=True))
+    arrays = None
+    if not params.model.train_backbone:  # the backbone is frozen: its output is cached
+        arrays = tuple(features.read(cached, name, [r["id"] for r in split.images], model.encoder.feature_size,
+                                     grid=params.model.decoder == "attention")
+                       for name, split in (("train", train_split), ("val", val_split)))
+    data = training_data(vocab, train_split, val_split, params.model.image_size, params.train, arrays,
+                         synthetic.scene_scores if scenes else None)
+    return model, data
+
+
+def resume_key(params: Params, vocab: Vocabulary, *inputs: Path) -> str:
+    """Resume state is only valid for the same data, backbone, vocab and training params.
+
+    The cached features are keyed by what makes them (the backbone file and `features.*`), not
+    hashed: on COCO with several views they are gigabytes."""
+    sections = params.to_dict()
+    blob = json.dumps([params.seed, sections["model"], sections["train"], sections["features"], vocab.words,
+                       [file_digest(path) for path in inputs]], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def images_per_batch(split: Split, captions_per_batch: int, captions_per_image: int = 0) -> int:
@@ -165,32 +202,31 @@ class FitResult:
     seconds: float = 0.0
 
 
-def fit(model: Captioner, data: TrainingData, params: TrainParams, *, seed: int, device: torch.device,
-        callbacks: Callbacks, compute: ComputeParams, here: World = World(),
-        resume_path: Path | None = None) -> FitResult:
+def fit(model: Captioner, data: TrainingData, params: TrainParams, *, seed: int, runtime: Runtime,
+        callbacks: Callbacks, resume_path: Path | None = None) -> FitResult:
     """Train `model` for `params.epochs` (or until early stopping); validate after each epoch and
     keep the best epoch's weights by `params.select_metric`.
 
     With cached features (`data.cached`) the backbone must be frozen: its output is what was
-    cached. Under torchrun (`here.size` > 1) the model is wrapped in DistributedDataParallel and
-    each process takes its share of every batch; every rank validates (on identical weights), so
-    all take the same early-stopping decision.
+    cached. Under torchrun (`runtime.world.size` > 1) the model is wrapped in DistributedDataParallel
+    and each process takes its share of every batch; every rank validates (on identical weights),
+    so all take the same early-stopping decision.
     """
+    here = runtime.world
     if data.cached and model.encoder.train_backbone:
         raise ValueError("cached features need a frozen backbone (model.train_backbone: false)")
     if data.images_per_batch < 2 * here.size:  # BatchNorm needs 2 images per process (data.EpochBatchSampler)
         raise ParamsError(f"train.batch_size {params.batch_size} makes steps of {data.images_per_batch} image(s); "
                           f"BatchNorm needs at least 2 per process ({here.size}): raise train.batch_size")
-    model.to(device)
+    model.to(runtime.device)
     if not data.cached:
-        model.encoder.backbone = accel.channels_last(model.encoder.backbone, device)
+        model.encoder.backbone = runtime.channels_last(model.encoder.backbone)
     net = accel.maybe_compile(DistributedDataParallel(model) if here.size > 1 else model, params.compile)
-    optimizer = adam(trainable_parameters(model), params.lr, device)
+    optimizer = adam(trainable_parameters(model), params.lr, runtime.device)
     resume = ResumeFile(resume_path, here)
     state = resume.load(model, optimizer)
-    steps_per_epoch = len(EpochBatchSampler(len(data.train), data.images_per_batch, seed, 0, rank=here.rank,
-                                            world=here.size))
-    scheduler = lr_schedule(optimizer, params.schedule, params.lr, params.epochs * steps_per_epoch, state.step)
+    total_steps = params.epochs * len(epoch_sampler(data, seed, 0, runtime))
+    step = TrainingStep(optimizer, lr_schedule(optimizer, params.schedule, params.lr, total_steps, state.step), runtime)
     started = time.perf_counter() - state.seconds
 
     def checkpoint() -> None:
@@ -198,65 +234,74 @@ def fit(model: Captioner, data: TrainingData, params: TrainParams, *, seed: int,
         resume.save(model, optimizer, state)
 
     while state.epoch < params.epochs:
-        train_one_epoch(net, optimizer, scheduler, data, params, seed, state, device, compute, here, callbacks,
-                        checkpoint)
+        loader = epoch_loader(data, epoch_sampler(data, seed, state.epoch, runtime, state.batch), runtime)
+        train_one_epoch(net, loader, step, state, params, data.cached, callbacks, checkpoint)
         if here.size > 1:  # BatchNorm running statistics drift apart per process: use rank 0's
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, 0)
         row = {"epoch": state.epoch + 1, "train_loss": state.epoch_loss / max(state.batch, 1),
-               **validate(model, data, device)}
-        state.history.append(row)
-        state.keep_if_best(row, model, params.select_metric)
-        callbacks.on_epoch({**row, "best_epoch": state.best_epoch})
-        state.epoch, state.batch, state.epoch_loss = state.epoch + 1, 0, 0.0
-        state.seconds = time.perf_counter() - started
-        if params.patience and state.stale_epochs >= params.patience:
-            print(f"early stop: {params.select_metric} did not improve for {params.patience} epochs")
+               **validate(model, data, runtime.device)}
+        if end_epoch(state, row, model, params, callbacks):
             break
-        resume.save(model, optimizer, state)
+        checkpoint()
     return FitResult(state.best_state, state.best_epoch, state.best, state.history, state.step_rows,
                      final_train_loss=state.history[-1]["train_loss"], steps=state.step,
                      seconds=time.perf_counter() - started)
 
 
-def train_one_epoch(net: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, data: TrainingData,
-                    params: TrainParams, seed: int, state: ResumeState, device: torch.device, compute: ComputeParams,
-                    here: World, callbacks: Callbacks, checkpoint: Callable[[], None]) -> None:
-    """Train the rest of epoch `state.epoch` (all of it, or what is left after a resume),
-    advancing `state` batch by batch and calling `checkpoint` every `params.checkpoint_every` steps."""
-    epoch = state.epoch
-    sampler = EpochBatchSampler(len(data.train), data.images_per_batch, seed, epoch, start=state.batch,
-                                rank=here.rank, world=here.size)
-    # Cached features are in memory (or, past 4 GiB, memory-mapped in the page cache): worker
-    # processes would only add start-up and copies.
-    loader = DataLoader(data.train, batch_sampler=sampler, collate_fn=collate_captions,
-                        num_workers=0 if data.cached else compute.num_workers, pin_memory=device.type == "cuda")
-    total = state.batch + len(sampler)
+def end_epoch(state: ResumeState, row: dict, model: nn.Module, params: TrainParams, callbacks: Callbacks) -> bool:
+    """Record the epoch's validation `row`, keep the epoch if it is the best, and move `state` to
+    the next epoch. True: stop early (`params.select_metric` stale for `params.patience` epochs)."""
+    state.history.append(row)
+    state.keep_if_best(row, model, params.select_metric)
+    callbacks.on_epoch({**row, "best_epoch": state.best_epoch})
+    state.epoch, state.batch, state.epoch_loss = state.epoch + 1, 0, 0.0
+    if params.patience and state.stale_epochs >= params.patience:
+        print(f"early stop: {params.select_metric} did not improve for {params.patience} epochs")
+        return True
+    return False
+
+
+def epoch_sampler(data: TrainingData, seed: int, epoch: int, runtime: Runtime, start: int = 0) -> EpochBatchSampler:
+    """This process's batches of `epoch`, from batch `start` on."""
+    return EpochBatchSampler(len(data.train), data.images_per_batch, seed, epoch, start=start,
+                             rank=runtime.world.rank, world=runtime.world.size)
+
+
+def epoch_loader(data: TrainingData, sampler: EpochBatchSampler, runtime: Runtime) -> DataLoader:
+    # Cached features are in memory (or, past data.IN_MEMORY_BYTES, memory-mapped in the page
+    # cache): worker processes would only add start-up and copies.
+    return DataLoader(data.train, batch_sampler=sampler, collate_fn=collate_captions,
+                      num_workers=0 if data.cached else runtime.compute.num_workers, pin_memory=runtime.pin_memory)
+
+
+def train_one_epoch(net: nn.Module, loader: DataLoader, step: TrainingStep, state: ResumeState, params: TrainParams,
+                    cached: bool, callbacks: Callbacks, checkpoint: Callable[[], None]) -> None:
+    """Train on `loader`'s batches (the rest of epoch `state.epoch`), advancing `state` batch by
+    batch and calling `checkpoint` every `params.checkpoint_every` steps. `cached`: the inputs
+    are the backbone's cached output, not images."""
+    device, total = step.runtime.device, state.batch + len(loader)
     criterion = nn.CrossEntropyLoss()
     # Summed on the device: reading it every step would sync the host with the GPU.
     epoch_loss = torch.tensor(state.epoch_loss, device=device)
     net.train()
     for inputs, captions, lengths, image_index in loader:
         inputs = inputs.to(device, non_blocking=True)
-        if not data.cached:
-            inputs = accel.channels_last(inputs, device)
+        inputs = inputs if cached else step.runtime.channels_last(inputs)
         captions = captions.to(device, non_blocking=True)
         targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-        with accel.autocast(device, compute.bf16):
-            logits, penalty = net(inputs, captions, lengths, image_index.to(device), cached=data.cached)
+
+        def losses():
+            logits, penalty = net(inputs, captions, lengths, image_index.to(device), cached=cached)
             loss = criterion(logits.float(), targets)  # logged: comparable with val_loss and across decoders
-        optimizer.zero_grad(set_to_none=True)
-        (loss if penalty is None else loss + params.attention_reg * penalty.float()).backward()
-        optimizer.step()
-        if scheduler is not None:  # train.schedule onecycle (optim.lr_schedule)
-            scheduler.step()
-        state.batch += 1
-        state.step += 1
-        epoch_loss += loss.detach()
+            return loss, (loss if penalty is None else loss + params.attention_reg * penalty.float())
+
+        loss = step(losses)
+        state.batch, state.step = state.batch + 1, state.step + 1
+        epoch_loss += loss
         if state.step % params.log_every == 0:  # the only host sync in the loop
-            value = float(loss.detach())
-            row = {"step": state.step, "epoch": epoch + 1, "batch": state.batch, "batches": total,
+            value = float(loss)
+            row = {"step": state.step, "epoch": state.epoch + 1, "batch": state.batch, "batches": total,
                    "loss": value, "perplexity": math.exp(min(value, 50))}
             state.step_rows.append(row)
             callbacks.on_step(row)
