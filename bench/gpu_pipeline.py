@@ -3,14 +3,15 @@
 1. The default pipeline, stage by stage through `dvc repro`, in a scratch copy of the repo with
    `compute.device` set: each stage's wall time. Its test captions (the evaluate stage's decoding
    and batching, `predict.caption_images`) are written out; the evaluate stage itself is not run
-   there, since the COCO scorer's Java and METEOR data do not fit what the box can be sent (see
-   bench/gpu_wheels.py). `--score` scores them here, beside `metrics/evaluate.json`.
+   there, so that the server needs neither Java nor the COCO scorer's METEOR data
+   (`scripts/wheels.py --slim-scorer`). `--score` scores them on a machine that has them, beside
+   `metrics/evaluate.json`.
 2. The seed's model: ResNet-152 with random weights, frozen, 224 px input, embed 256, hidden 512,
    on `--seed-images` synthetic images: feature extraction (images/s), training on the cached
    features (steps/s of 128 captions) and greedy captioning (captions/s).
 
-On the GPU box (no network): `bash bench/gpu_pipeline.sh` (installs .whl/, runs this, writes $OUT).
-Here, afterwards:    `python bench/gpu_pipeline.py --score <fetched>/gpu_pipeline.json`
+On an offline GPU server: `bash bench/gpu_pipeline.sh` (installs wheels/, runs this, writes $OUT).
+Afterwards, on a machine with this project's venv: `python bench/gpu_pipeline.py --score <fetched>/gpu_pipeline.json`
 On a CPU (the test): `python bench/gpu_pipeline.py --device cpu --quick --out /tmp/gpu`
 """
 
@@ -45,8 +46,8 @@ def scratch_copy(target: Path) -> None:
     listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
     if listed.returncode == 0:
         files = listed.stdout.splitlines()
-    else:  # a copy without .git (as the GPU box receives it): everything but generated folders
-        skip = {".git", ".venv", ".whl", "mlartifacts", "tmp", "__pycache__"}
+    else:  # a copy without .git (as the server receives it): everything but generated folders
+        skip = {".git", ".venv", "wheels", "mlartifacts", "tmp", "__pycache__"}
         files = [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.is_file()
                  and not skip & set(p.relative_to(REPO).parts) and not str(p.relative_to(REPO)).startswith(
                      ("data/", "models/", ".dvc/cache", ".dvc/tmp", "mlflow.db"))]
@@ -66,9 +67,8 @@ def run_pipeline(work: Path, device: str, quick: bool) -> tuple[dict, dict]:
     flat = flatten(yaml.safe_load((work / "params.yaml").read_text()))
     params = nest({**flat, **flatten(QUICK if quick else {}), "compute.device": device})
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (work / ".dvc" / "config.local").write_text("[core]\n    no_scm = true\n")  # the box's copy has no .git
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    (work / ".dvc" / "config.local").write_text("[core]\n    no_scm = true\n")  # the server's copy has no .git
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
     seconds = {}
     for stage in STAGES:
         started = time.perf_counter()
@@ -197,7 +197,7 @@ def table(results: dict) -> str:
 
 
 def score(path: Path, data: Path, cpu_metrics: Path) -> dict:
-    """COCO scores (and scene scores) of the box's test captions, beside this repo's CPU run."""
+    """COCO scores (and scene scores) of the server's test captions, beside this repo's CPU run."""
     from captioning import synthetic
     from captioning.datasets import read_split
     from captioning.metrics import coco_scores

@@ -7,8 +7,13 @@
 #   unset     PyPI's build: CUDA 13 on Linux, which needs an NVIDIA driver >= 580 (nvidia-smi shows it)
 #   cu126     CUDA 12.6 (drivers >= 560); cu128, cu129, ... likewise: download.pytorch.org/whl/<it>
 #   cpu       no CUDA at all (smaller)
+# WHEELS=DIR installs from a folder of wheels alone, with no network: for an offline server, given
+#   the folder that scripts/wheels.py fills on a connected machine (docs/offline.md). The bundle
+#   carries the torch it was made with, so TORCH_CUDA does not apply then.
 # SETUP_DRY_RUN=1 prints the pip commands instead of running them.
 set -euo pipefail
+wheels="${WHEELS:-}"
+if [ -d "$wheels" ]; then wheels=$(cd "$wheels" && pwd); fi  # a folder named from where setup.sh was run
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
 torch_cuda="${TORCH_CUDA:-}"
@@ -16,6 +21,10 @@ case "$torch_cuda" in
   "" | cpu | cu[0-9][0-9][0-9]) ;;
   *) echo "setup: TORCH_CUDA=$torch_cuda: expected cpu or cuNNN (e.g. cu126), or unset for PyPI's build" >&2; exit 2 ;;
 esac
+if [ -n "$wheels" ]; then
+  [ -z "$torch_cuda" ] || { echo "setup: TORCH_CUDA applies to installs from the network; WHEELS=$wheels installs the torch the bundle holds" >&2; exit 2; }
+  [ -d "$wheels" ] || { echo "setup: WHEELS=$wheels: no such folder (fill it with scripts/wheels.py on a connected machine)" >&2; exit 2; }
+fi
 run() {
   if [ -n "${SETUP_DRY_RUN:-}" ]; then echo "$*"; else "$@"; fi
 }
@@ -23,6 +32,8 @@ if [ ! -x .venv/bin/python ]; then
   run "$python" -m venv .venv
 fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# --no-index: nothing from an index; the folder alone, for the requirements and the project's build
+[ -z "$wheels" ] || pip+=(--no-index --find-links "$wheels")
 stamp=.venv/.requirements.sha256
 want=$( (cat requirements.txt pyproject.toml; echo "TORCH_CUDA=$torch_cuda") | sha256sum | cut -d' ' -f1)
 if [ -n "${SETUP_DRY_RUN:-}" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

@@ -12,7 +12,7 @@ from conftest import REPO, venv_env
 
 @pytest.mark.slow
 def test_the_gpu_script_runs_every_step_on_a_cpu_and_its_captions_score_here(tmp_path):
-    env = {**venv_env(), "DEVICE": "cpu", "OUT": str(tmp_path / "out"), "GPU_WHEELS": ""}  # the venv has them
+    env = {**venv_env(), "DEVICE": "cpu", "OUT": str(tmp_path / "out"), "WHEELS": ""}  # the venv has them
     env.pop("MLFLOW_TRACKING_URI", None)  # the script keeps its MLflow store in its scratch copy
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu_pipeline.sh"), "--quick", "--work", str(tmp_path / "work")],
                           capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=900)
