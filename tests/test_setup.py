@@ -31,3 +31,13 @@ def test_without_torch_cuda_pypi_builds_are_installed_and_a_bad_value_is_refused
     assert "--index-url" not in default and "-r requirements.txt" in default
     bad = _setup(TORCH_CUDA="cuda12")
     assert bad.returncode == 2 and "TORCH_CUDA=cuda12: expected cpu or cuNNN" in bad.stderr
+
+
+def test_wheels_installs_from_that_folder_alone(tmp_path):
+    commands = [line for line in _setup(WHEELS=str(tmp_path)).stdout.splitlines() if " pip install " in line]
+    assert len(commands) == 2 and all(f" --no-index --find-links {tmp_path} " in c for c in commands)
+    assert commands[0].endswith("-r requirements.txt") and commands[1].endswith("--no-deps -e .")
+    missing = _setup(WHEELS=str(tmp_path / "none"))
+    assert missing.returncode == 2 and f"WHEELS={tmp_path / 'none'}: no such folder" in missing.stderr
+    both = _setup(WHEELS=str(tmp_path), TORCH_CUDA="cu126")  # the bundle holds the torch it was made with
+    assert both.returncode == 2 and "TORCH_CUDA applies to installs from the network" in both.stderr
