@@ -8,10 +8,10 @@ so what is served is what was scored, and registers that model as a new version 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -21,7 +21,7 @@ from captioning import accel, lineage, registry, synthetic, tracking
 from captioning.checkpoint import load_checkpoint
 from captioning.datasets import read_split
 from captioning.errors import run_stage
-from captioning.io import write_json_atomic, write_text_atomic
+from captioning.io import file_digest, write_json_atomic, write_text_atomic
 from captioning.metrics import coco_scores
 from captioning.params import load_params
 from captioning.predict import Decoding, caption_images
@@ -38,12 +38,12 @@ def main(args: argparse.Namespace) -> None:
     settings = params.evaluate
     tracking.connect()  # a store that is down stops the stage here, before any work
     registry.check_name(MlflowClient(), settings.registered_model, tracking.store_label())
-    device = accel.prepare(params.compute)  # before any tensor work: it picks the CPU kernels
+    runtime = accel.runtime(params.compute)  # before any tensor work: it picks the CPU kernels
     model, vocab, trained_with = load_checkpoint(args.checkpoint, expect_vocab=Vocabulary.load(args.vocab))
     split = read_split(args.data, "test")
     records = split.captioned()
     decoding = Decoding(settings.beam_size, settings.length_penalty, params.compute.bf16)
-    captions = caption_images(model, vocab, [split.image_path(r) for r in records], device, decoding,
+    captions = caption_images(model, vocab, [split.image_path(r) for r in records], runtime.device, decoding,
                               settings.batch_size, params.compute.num_workers)
     hypotheses = {r["id"]: c for r, c in zip(records, captions)}
     scores = coco_scores(split.captions, hypotheses)
@@ -53,16 +53,27 @@ def main(args: argparse.Namespace) -> None:
     scores = {k: round(v, 6) for k, v in scores.items()}
     write_json_atomic(args.metrics, scores)
     decoding.save(args.decoding)
-    results = [{"image_id": i, "caption": c} for i, c in hypotheses.items()]  # COCO results format
-    write_json_atomic(args.captions, results)
+    write_json_atomic(args.captions, [{"image_id": i, "caption": c} for i, c in hypotheses.items()])  # COCO format
     items = [GalleryItem(split.image_path(r), hypotheses[r["id"]], split.captions[r["id"]],
                          synthetic.verdict(hypotheses[r["id"]], r["scene"]) if scenes else None)
              for r in records[: settings.gallery_size]]
     title = f"Test captions ({decoding.describe()})"
     write_text_atomic(args.gallery, gallery_html(items, title, scores))
+    run, verdict = record(args, settings.registered_model, scores, lambda about: gallery_html(items, title, scores, about),
+                          split.image_path(records[0]), trained_with["train"]["select_metric"], started)
+    print("evaluate: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+          + f" on {len(records)} test images ({decoding.describe()}) -> {args.metrics}; MLflow run "
+          f"{run.info.run_name}, in `mlflow ui` at /#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+          "?workflowType=machine_learning")
+    print(verdict)
 
-    checkpoint_md5 = hashlib.md5(Path(args.checkpoint).read_bytes()).hexdigest()
-    run, trained_in = tracking.evaluation_run(args.params, checkpoint_md5)
+
+def record(args: argparse.Namespace, name: str, scores: dict[str, float], gallery: Callable[[dict], str],
+           example: Path, select_metric: str, started: float) -> tuple[mlflow.ActiveRun, str]:
+    """Log the evaluation to the run that trained the checkpoint (or a run of its own), log the
+    model that decodes as evaluate did, register it as a version of `name` and write run-info.
+    Returns (the run, what the champion check said)."""
+    run, trained_in = tracking.evaluation_run(args.params, file_digest(args.checkpoint, "md5"))
     with tracking.active(run):
         mlflow.log_metrics({f"test_{k}": v for k, v in scores.items()})
         contexts = (("train", "training"), ("val", "validation"), ("test", "testing"))
@@ -72,46 +83,22 @@ def main(args: argparse.Namespace) -> None:
             # At the artifact root, where MLflow's compare view looks; this copy names its run.
             about = {"run": f"{run.info.run_name} ({run.info.run_id})", "experiment": tracking.EXPERIMENT,
                      "params": tracking.describe_changes(tracking.changed_params(args.params))}
-            gallery = Path(tmp) / "gallery.html"
-            gallery.write_text(gallery_html(items, title, scores, about))
-            mlflow.log_artifact(str(gallery))
+            (Path(tmp) / "gallery.html").write_text(gallery(about))
+            mlflow.log_artifact(str(Path(tmp) / "gallery.html"))
         mlflow.log_artifact(args.captions)
-        name = model_name(run.info.run_name)
-        logged = log_pyfunc(args.checkpoint, args.decoding, split.image_path(records[0]), name)
-        held = mlflow.get_run(run.info.run_id).data.tags
-        version, verdict = register(args, settings.registered_model, logged.model_uri, run, held, trained_with)
+        logged = log_pyfunc(args.checkpoint, args.decoding, example, model_name(run.info.run_name))
+        held = mlflow.get_run(run.info.run_id)
+        inputs = [str(Path(args.data) / s) for s in ("train", "val", "test")] + [args.vocab, args.checkpoint]
+        tags = registry.version_tags(json.loads(Path(args.train_metrics).read_text()), held, inputs)
+        version, verdict = registry.register_and_promote(MlflowClient(), name, logged.model_uri, tags, select_metric)
         tracking.log_stage_times({**lineage.stage_times(before="evaluate"),
-                                  "evaluate": time.perf_counter() - started}, held)
+                                  "evaluate": time.perf_counter() - started}, held.data.tags)
         summary = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-        mlflow.set_tag("mlflow.note.content", f"{held.get('mlflow.note.content', '')}\n\ntest: {summary}\n\n{verdict}")
-        tracking.write_run_info(args.run_info, run, train_run_id=trained_in,
-                                model_uri=f"models:/{settings.registered_model}/{version.version}",
-                                registered_model=settings.registered_model, model_version=version.version,
-                                logged_model_id=logged.model_id)
-    print("evaluate: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-          + f" on {len(records)} test images ({decoding.describe()}) -> {args.metrics}; MLflow run "
-          f"{run.info.run_name}, in `mlflow ui` at /#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-          "?workflowType=machine_learning")
-    print(verdict)
-
-
-def register(args: argparse.Namespace, name: str, model_uri: str, run: mlflow.ActiveRun, held: dict[str, str],
-             trained_with: dict):
-    """The logged model as a new version of `name`, tagged with where it came from (experiment,
-    commit, the md5s in dvc.lock of its data and checkpoint, its validation scores), then the
-    champion check. Returns (version, what the check said)."""
-    validation = json.loads(Path(args.train_metrics).read_text())
-    md5s = lineage.locked_md5s()
-    inputs = [str(Path(args.data) / s) for s in ("train", "val", "test")] + [args.vocab, args.checkpoint]
-    tags = {**{k: str(v) for k, v in validation.items() if k.startswith("val_")},
-            "dvc.exp_name": held.get("dvc.exp_name", "workspace"), "git.commit": held.get("git.commit", ""),
-            "captioning.run_name": run.info.run_name,
-            **{f"dvc.md5.{path}": md5s[path] for path in inputs if path in md5s}}
-    client = MlflowClient()
-    version = registry.register(client, name, model_uri, tags)
-    verdict = registry.promote(client, name, version, trained_with["train"]["select_metric"])
-    client.set_model_version_tag(name, version.version, "captioning.champion_check", verdict)
-    return version, verdict
+        mlflow.set_tag("mlflow.note.content",
+                       f"{held.data.tags.get('mlflow.note.content', '')}\n\ntest: {summary}\n\n{verdict}")
+        tracking.write_run_info(args.run_info, run, train_run_id=trained_in, model_uri=f"models:/{name}/{version.version}",
+                                registered_model=name, model_version=version.version, logged_model_id=logged.model_id)
+    return run, verdict
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from captioning.model import AttentionDecoder, Captioner, Decoder, Decoding
+from captioning.model import AttentionDecoder, Captioner, CaptionSearch, Decoder
 from captioning.params import ModelParams
 
 END = 2
@@ -15,7 +15,7 @@ DECODERS = ("lstm", "attention")
 CELLS, FEATURE = 4, 10  # the attention decoder's grid: 4 cells of 10 values
 
 
-def random_decoder(seed: int, kind: str = "lstm", vocab_size: int = 13) -> Decoding:
+def random_decoder(seed: int, kind: str = "lstm", vocab_size: int = 13) -> CaptionSearch:
     """Random weights, sharpened and with <end> favoured so that captions end at all sorts of
     lengths (PyTorch's initial output layer gives near-uniform, state-blind word choices)."""
     torch.manual_seed(seed)
@@ -46,7 +46,7 @@ def until_end(ids: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def log_prob(decoder: Decoding, features: torch.Tensor, ids: list[int]) -> float:
+def log_prob(decoder: CaptionSearch, features: torch.Tensor, ids: list[int]) -> float:
     """Teacher-forced summed log-prob of `ids` (from <start> on) given one image's features."""
     logits, _ = decoder(features.unsqueeze(0), torch.tensor([ids]), torch.tensor([len(ids)]))  # (len, V)
     return float(logits.log_softmax(1)[torch.arange(len(ids)), torch.tensor(ids)].sum())

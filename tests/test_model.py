@@ -65,9 +65,6 @@ def test_the_grid_is_the_map_of_model_grid_layer_with_the_weights_named_as_in_th
     assert torch.equal(grid[:, 2 * 1 + 0], feature_map[:, :, 1, 0])
     names = set(model.encoder.backbone.state_dict())
     assert names < set(full.encoder.backbone.state_dict()) and not any(n.startswith("7.") for n in names)
-    # A checkpoint's config from before model.grid_layer existed attended over layer4.
-    old = {k: v for k, v in full.config.items() if k != "grid_layer"}
-    assert Captioner(old).encoder.feature_size == 512
 
 
 def test_attention_training_runs_each_caption_only_for_its_own_steps_and_loses_nothing():

@@ -151,6 +151,27 @@ def test_checkpoint_round_trip_is_self_describing(tiny_data, tmp_path):
         caption_images(loaded, loaded_vocab, paths, torch.device("cpu"), greedy, progress=False)
 
 
+def test_a_format_1_checkpoint_still_loads_attending_over_layer4(tmp_path):
+    """Format 1 predates model.grid_layer: its configs name no layer, and its attention decoders
+    attended over layer4 (512 channels for resnet18)."""
+    torch.manual_seed(0)
+    vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "a", "circle"])
+    params = ModelParams(image_size=32, embed_size=8, hidden_size=8, decoder="attention", attention_size=8,
+                         grid_layer="layer4")
+    model = Captioner.build(params, len(vocab))
+    path = tmp_path / "old.pt"
+    config = {k: v for k, v in model.config.items() if k != "grid_layer"}
+    torch.save({"format": 1, "config": config, "vocab": vocab.words, "params": {"seed": 1},
+                "state_dict": model.state_dict()}, path)
+    loaded, _, params_back = load_checkpoint(path)
+    assert loaded.config["grid_layer"] == "layer4" and loaded.encoder.feature_size == 512 and params_back == {"seed": 1}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    torch.save({"format": 3, "config": config}, path)
+    with pytest.raises(CheckpointError, match="not a captioning checkpoint of format 1 or 2"):
+        load_checkpoint(path)
+
+
 def test_missing_checkpoint_says_which_stage_makes_it(tmp_path):
     with pytest.raises(CheckpointError, match="run the train stage"):
         load_checkpoint(tmp_path / "nope.pt")

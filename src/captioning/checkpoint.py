@@ -15,7 +15,9 @@ from captioning.io import atomic_path
 from captioning.model import Captioner
 from captioning.text import Vocabulary
 
-FORMAT = 1
+# 2: the config always names model.grid_layer. Format 1 predates it: its attention decoders
+# attended over layer4, which loading fills in.
+FORMAT = 2
 
 
 class CheckpointError(UserError, ValueError):
@@ -47,8 +49,10 @@ def load_checkpoint(path: str | Path, map_location="cpu", expect_vocab: Vocabula
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint; run the train stage first (dvc repro train)")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a captioning checkpoint of format {FORMAT}")
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, FORMAT):
+        raise CheckpointError(f"{path}: not a captioning checkpoint of format 1 or {FORMAT}")
+    if ckpt["format"] == 1:
+        ckpt["config"] = {"grid_layer": "layer4", **ckpt["config"]}
     vocab = Vocabulary(ckpt["vocab"])
     if len(vocab) != ckpt["config"]["vocab_size"]:
         raise CheckpointError(

@@ -123,41 +123,9 @@ class _State:
 
 def _transfer(url: str, part: Path, state: _State, bar, timeout: float) -> None:
     """One request from `state.offset`, appending to `part`. Raises _Transient to retry."""
-    archive = state.archive
-    request = urllib.request.Request(url, headers={"User-Agent": "captioning-download/1"})
-    if state.offset:
-        request.add_header("Range", f"bytes={state.offset}-")
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as err:
-        if err.code == 416 and state.offset:  # our offset is past what the server has: start over
-            state.restart()
-            bar.reset(total=archive.size)
-            raise _Transient("HTTP 416, restarting from byte 0") from None
-        if err.code in TRANSIENT_STATUS:
-            raise _Transient(f"HTTP {err.code}") from None
-        raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-        if isinstance(getattr(err, "reason", None), socket.gaierror):  # no DNS: offline, retrying will not help
-            raise DownloadError(f"{url}: cannot resolve {urllib.parse.urlsplit(url).hostname} ({err.reason.strerror}): "
-                                "no network here? Copy the file in by hand (see the README) or set "
-                                "data.base_url to a mirror you can reach") from None
-        raise _Transient(str(getattr(err, "reason", err))) from None
+    response = _open(url, state, bar, timeout)
     with response:
-        if state.offset and response.status == 200:
-            # The server ignored Range and sends the whole file: start the file again.
-            state.restart()
-            bar.reset(total=archive.size)
-        elif state.offset and not response.headers.get("Content-Range", "").startswith(f"bytes {state.offset}-"):
-            raise _Transient(f"unexpected Content-Range {response.headers.get('Content-Range')!r}")
-        length = response.headers.get("Content-Length")
-        if length is not None and archive.size is None:
-            state.total = state.offset + int(length)
-            bar.reset(total=state.total)
-            bar.update(state.offset)
-        elif length is not None and state.offset + int(length) != archive.size:
-            raise DownloadError(f"{url}: server reports {state.offset + int(length)} bytes, the table says "
-                                f"{archive.size}; wrong file or an outdated table")
+        _check_response(url, response, state, bar)
         with open(part, "r+b" if state.offset else "wb") as out:
             out.seek(state.offset)
             out.truncate()
@@ -183,6 +151,49 @@ def _transfer(url: str, part: Path, state: _State, bar, timeout: float) -> None:
     if state.offset > state.total:
         part.unlink()
         raise DownloadError(f"{url}: got more than the {state.total} bytes announced; deleted")
+
+
+def _open(url: str, state: _State, bar, timeout: float):
+    """The response to a request from `state.offset`; transient failures raise _Transient."""
+    request = urllib.request.Request(url, headers={"User-Agent": "captioning-download/1"})
+    if state.offset:
+        request.add_header("Range", f"bytes={state.offset}-")
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and state.offset:  # our offset is past what the server has: start over
+            state.restart()
+            bar.reset(total=state.archive.size)
+            raise _Transient("HTTP 416, restarting from byte 0") from None
+        if err.code in TRANSIENT_STATUS:
+            raise _Transient(f"HTTP {err.code}") from None
+        raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        if isinstance(getattr(err, "reason", None), socket.gaierror):  # no DNS: offline, retrying will not help
+            raise DownloadError(f"{url}: cannot resolve {urllib.parse.urlsplit(url).hostname} ({err.reason.strerror}): "
+                                "no network here? Copy the file in by hand (see the README) or set "
+                                "data.base_url to a mirror you can reach") from None
+        raise _Transient(str(getattr(err, "reason", err))) from None
+
+
+def _check_response(url: str, response, state: _State, bar) -> None:
+    """Match the response to `state`: a server that ignored Range restarts the file; the size it
+    announces must be the table's (or becomes the size, when the table has none)."""
+    archive = state.archive
+    if state.offset and response.status == 200:
+        # The server ignored Range and sends the whole file: start the file again.
+        state.restart()
+        bar.reset(total=archive.size)
+    elif state.offset and not response.headers.get("Content-Range", "").startswith(f"bytes {state.offset}-"):
+        raise _Transient(f"unexpected Content-Range {response.headers.get('Content-Range')!r}")
+    length = response.headers.get("Content-Length")
+    if length is not None and archive.size is None:
+        state.total = state.offset + int(length)
+        bar.reset(total=state.total)
+        bar.update(state.offset)
+    elif length is not None and state.offset + int(length) != archive.size:
+        raise DownloadError(f"{url}: server reports {state.offset + int(length)} bytes, the table says "
+                            f"{archive.size}; wrong file or an outdated table")
 
 
 def _hash_prefix(path: Path, hasher) -> None:

@@ -13,7 +13,7 @@ Decoders:
   (soft attention, gated by beta) and reads the attended context beside the previous word. Its
   state starts from the grid's mean.
 
-Both decode through the same `greedy` and `beam_search` (`Decoding`), which only need each
+Both decode through the same `greedy` and `beam_search` (`CaptionSearch`), which only need each
 decoder's `start`, `step` and `reorder`; both predict <start> at step 0, so the packed targets,
 the loss and `Vocabulary.decode` are the same for both.
 """
@@ -73,7 +73,7 @@ class Encoder(nn.Module):
         return self.head(self.cnn(images))
 
 
-class Decoding(nn.Module):
+class CaptionSearch(nn.Module):
     """Greedy and beam-search decoding for any decoder that provides
 
     - `start(features)`: the decoding state of N images;
@@ -171,7 +171,7 @@ class Decoding(nn.Module):
         return best_ids[:, : int(best_len.max())], best
 
 
-class Decoder(Decoding):
+class Decoder(CaptionSearch):
     """The seed's decoder: the image (B, E) is the LSTM's input at step 0, then the words."""
 
     def __init__(self, embed_size: int, hidden_size: int, vocab_size: int, num_layers: int,
@@ -217,7 +217,7 @@ class Decoder(Decoding):
         return None, tuple(s.index_select(1, rows) for s in state[1])  # (layers, N, H) each
 
 
-class AttentionDecoder(Decoding):
+class AttentionDecoder(CaptionSearch):
     """Show, Attend and Tell's soft-attention decoder (Xu et al. 2015, section 3.1.2 and 4.2.1).
 
     Before each word the LSTMCell's hidden state scores every grid cell (additive attention),
@@ -287,8 +287,8 @@ class AttentionDecoder(Decoding):
 
         As the LSTM decoder's packed sequence does, step t runs only the captions still going
         (lengths sorted descending: the first `batch_sizes[t]` rows), so padding costs nothing:
-        synthetic captions average 12 tokens in batches whose longest has ~22, and running every
-        row to the longest made a training step 1.5x slower (`bench/attention_step.py`). The hidden
+        synthetic captions are much shorter on average than the longest of their batch, so running
+        every row to the longest would spend most steps on padding (docs/model.md). The hidden
         states of step after step, so trimmed, are the targets' packed order, and the output layer
         runs once.
 
@@ -314,8 +314,7 @@ class Captioner(nn.Module):
 
     def __init__(self, config: dict, backbone: nn.Module | None = None):
         super().__init__()
-        # Checkpoints from before model.grid_layer attended over the last stage.
-        self.config = {"grid_layer": "layer4", **config}
+        self.config = dict(config)
         params = ModelParams(**{k: v for k, v in self.config.items() if k != "vocab_size"})
         if backbone is None:  # weights come from a checkpoint: no need for ImageNet ones
             backbone = resnet(params.backbone)
@@ -350,7 +349,7 @@ class Captioner(nn.Module):
     def generate(self, images: torch.Tensor, end_id: int, *, beam_size: int, length_penalty: float,
                  bf16: bool) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, L) ids: greedy for `beam_size` 1 (the same ids, less
-        bookkeeping), else `Decoding.beam_search`. `bf16`: the encoder under bf16 autocast on CUDA
+        bookkeeping), else `CaptionSearch.beam_search`. `bf16`: the encoder under bf16 autocast on CUDA
         (as in training); the decoder stays in float32, since beam scores add up many log-probs."""
         with accel.autocast(images.device, bf16):
             features = self.encoder(images)

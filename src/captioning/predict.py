@@ -146,11 +146,37 @@ def caption_with_logged_model(uri: str, paths: list[Path]) -> list[str]:
     return list(model.predict(frame)["caption"])
 
 
+def caption_with_checkpoint(args, paths: list[Path]) -> list[str]:
+    """Caption with `args.checkpoint`, decoding as the evaluate stage recorded (or `args.beam_size`),
+    and draw the attention figures `args.attention` asks for."""
+    from captioning.checkpoint import CheckpointError, load_checkpoint
+
+    decoding_path = Path(args.decoding or Path(args.checkpoint).with_name("decoding.json"))
+    if not decoding_path.is_file():
+        raise SystemExit(f"caption: {decoding_path}: no decoding settings; run the evaluate stage "
+                         "(dvc repro evaluate), or pass --decoding FILE")
+    decoding = Decoding.load(decoding_path)
+    if args.beam_size is not None:
+        decoding = Decoding(args.beam_size, decoding.length_penalty, decoding.bf16)
+    try:
+        model, vocab, _ = load_checkpoint(args.checkpoint)
+    except CheckpointError as err:
+        raise SystemExit(f"caption: {err}") from None
+    if args.attention and not isinstance(model.decoder, AttentionDecoder):
+        raise SystemExit(f"caption: --attention: {args.checkpoint} was trained with model.decoder: "
+                         f"{model.config.get('decoder', 'lstm')}, which has no attention to show; train "
+                         "with model.decoder: attention")
+    device = accel.pick_device(args.device)
+    captions = caption_images(model, vocab, paths, device, decoding, args.batch_size, progress=False)
+    if args.attention:
+        for figure in attention_figures(model, vocab, paths, Path(args.attention), device, decoding):
+            print(f"caption: attention figure -> {figure}", file=sys.stderr)
+    return captions
+
+
 def main(argv: list[str] | None = None) -> None:
     """`caption IMAGE_OR_FOLDER... --checkpoint models/checkpoint.pt`: one `path<TAB>caption` per line."""
     import argparse
-
-    from captioning.checkpoint import CheckpointError, load_checkpoint
 
     parser = argparse.ArgumentParser(prog="caption", description=main.__doc__)
     parser.add_argument("inputs", nargs="+", help="image files or folders of images (any mode: converted to RGB)")
@@ -173,28 +199,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--beam-size, --decoding and --attention apply to --checkpoint; an MLflow model decodes "
                      "as its experiment's evaluate stage did")
     paths = image_files(args.inputs)
-    if args.model:
-        captions = caption_with_logged_model(args.model, paths)
-    else:
-        decoding_path = Path(args.decoding or Path(args.checkpoint).with_name("decoding.json"))
-        if not decoding_path.is_file():
-            raise SystemExit(f"caption: {decoding_path}: no decoding settings; run the evaluate stage "
-                             "(dvc repro evaluate), or pass --decoding FILE")
-        decoding = Decoding.load(decoding_path)
-        if args.beam_size is not None:
-            decoding = Decoding(args.beam_size, decoding.length_penalty, decoding.bf16)
-        try:
-            model, vocab, _ = load_checkpoint(args.checkpoint)
-        except CheckpointError as err:
-            raise SystemExit(f"caption: {err}") from None
-        if args.attention and not isinstance(model.decoder, AttentionDecoder):
-            raise SystemExit(f"caption: --attention: {args.checkpoint} was trained with model.decoder: "
-                             f"{model.config.get('decoder', 'lstm')}, which has no attention to show; train "
-                             "with model.decoder: attention")
-        device = accel.pick_device(args.device)
-        captions = caption_images(model, vocab, paths, device, decoding, args.batch_size, progress=False)
-        if args.attention:
-            for figure in attention_figures(model, vocab, paths, Path(args.attention), device, decoding):
-                print(f"caption: attention figure -> {figure}", file=sys.stderr)
+    captions = caption_with_logged_model(args.model, paths) if args.model else caption_with_checkpoint(args, paths)
     for path, caption in zip(paths, captions):
         print(f"{path}\t{caption}")

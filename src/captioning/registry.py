@@ -14,6 +14,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from captioning import lineage
 from captioning.errors import UserError
 from captioning.metrics import val_key
 
@@ -49,6 +50,27 @@ def register(client: MlflowClient, name: str, model_uri: str, tags: dict[str, st
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     return mlflow.register_model(model_uri, name, tags=tags)
+
+
+def version_tags(validation: dict[str, float], run: mlflow.entities.Run, inputs: list[str]) -> dict[str, str]:
+    """Where a version came from: its validation scores, the DVC experiment and git commit of
+    `run` (the evaluation's), and the md5s that dvc.lock records for `inputs` (data and checkpoint)."""
+    md5s = lineage.locked_md5s()
+    held = run.data.tags
+    return {**{k: str(v) for k, v in validation.items() if k.startswith("val_")},
+            "dvc.exp_name": held.get("dvc.exp_name", "workspace"), "git.commit": held.get("git.commit", ""),
+            "captioning.run_name": run.info.run_name,
+            **{f"dvc.md5.{path}": md5s[path] for path in inputs if path in md5s}}
+
+
+def register_and_promote(client: MlflowClient, name: str, model_uri: str, tags: dict[str, str],
+                         select_metric: str) -> tuple[ModelVersion, str]:
+    """`register`, then `promote`; the version keeps what the champion check said. Returns
+    (version, what the check said)."""
+    version = register(client, name, model_uri, tags)
+    verdict = promote(client, name, version, select_metric)
+    client.set_model_version_tag(name, version.version, "captioning.champion_check", verdict)
+    return version, verdict
 
 
 def selection_metric(select_metric: str) -> tuple[str, bool]:
