@@ -30,7 +30,7 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def run(cmd: list[str], cwd: Path, env: dict) -> str:
+def shell(cmd: list[str], cwd: Path, env: dict) -> str:
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     return done.stdout + done.stderr
@@ -56,16 +56,16 @@ def make_clone(tmp_path: Path, params_override: dict) -> tuple[Path, dict]:
     env["PYTHONPATH"] = str(clone / "src")  # run the clone's code, which DVC hashes
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@example.com")
-    run(["git", "init", "-q", "-b", "main"], clone, env)
-    run(["git", "add", "-A"], clone, env)
-    run(["git", "commit", "-q", "-m", "baseline"], clone, env)
+    shell(["git", "init", "-q", "-b", "main"], clone, env)
+    shell(["git", "add", "-A"], clone, env)
+    shell(["git", "commit", "-q", "-m", "baseline"], clone, env)
     return clone, env
 
 
 def reset(clone: Path, env: dict) -> None:
     """`dvc exp run` leaves its experiment in the workspace: back to the committed baseline."""
-    run(["git", "checkout", "--", "."], clone, env)
-    run(["dvc", "checkout", "--force"], clone, env)
+    shell(["git", "checkout", "--", "."], clone, env)
+    shell(["dvc", "checkout", "--force"], clone, env)
 
 
 def histories(client: MlflowClient, run) -> dict[str, list[tuple[int, float]]]:

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from servers import free_port, wait_http
-from pipeline_repo import TINY, make_clone, run
+from pipeline_repo import TINY, make_clone, shell
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,9 @@ def _post(url: str, body: dict) -> dict:
 def project(tmp_path_factory):
     """A clone whose default pipeline has run and been committed."""
     clone, env = make_clone(tmp_path_factory.mktemp("exp"), TINY)
-    run(["dvc", "repro"], clone, env)
-    run(["git", "add", "-A"], clone, env)
-    run(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
+    shell(["dvc", "repro"], clone, env)
+    shell(["git", "add", "-A"], clone, env)
+    shell(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
     return clone, env
 
 
@@ -46,18 +46,18 @@ def test_queued_sweep_with_two_workers_lands_in_the_repo_store(project):
     clone, env = project
     client, exp_id = _client(clone)
     before = {r.info.run_id for r in client.search_runs([exp_id])}
-    run(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.003,0.0005"], clone, env)
-    run(["dvc", "queue", "start", "-j", "2"], clone, env)
+    shell(["dvc", "exp", "run", "--queue", "-S", "train.lr=0.003,0.0005"], clone, env)
+    shell(["dvc", "queue", "start", "-j", "2"], clone, env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        status = run(["dvc", "queue", "status"], clone, env)
+        status = shell(["dvc", "queue", "status"], clone, env)
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(3)
     assert status.count("Success") == 2, status
     runs = [r for r in client.search_runs([exp_id]) if r.info.run_id not in before]
     assert sorted(r.data.params["train.lr"] for r in runs) == ["0.0005", "0.003"]
-    names = {e["name"] for rev in json.loads(run(["dvc", "exp", "show", "--json"], clone, env))
+    names = {e["name"] for rev in json.loads(shell(["dvc", "exp", "show", "--json"], clone, env))
              for e in (rev.get("experiments") or [])}
     for run in runs:
         assert run.info.run_name in names  # named after its DVC experiment
@@ -69,7 +69,7 @@ def test_queued_sweep_with_two_workers_lands_in_the_repo_store(project):
         assert (Path(model.artifact_location.removeprefix("file://")) / "artifacts" / "checkpoint.pt").is_file()
     assert not any((clone / ".dvc" / "tmp" / "exps").glob("tmp*/mlflow.db"))
     a, b = sorted(r.info.run_name for r in runs)
-    diff = json.loads(run(["dvc", "plots", "diff", a, b, "--json"], clone, env))
+    diff = json.loads(shell(["dvc", "plots", "diff", a, b, "--json"], clone, env))
     text = json.dumps(diff)
     assert a in text and b in text and "train_loss.csv" in text
 
@@ -77,33 +77,33 @@ def test_queued_sweep_with_two_workers_lands_in_the_repo_store(project):
 def test_run_cache_restores_without_a_new_run(project):
     clone, env = project
     client, exp_id = _client(clone)
-    run(["dvc", "exp", "run", "-S", "train.lr=0.0007"], clone, env)
+    shell(["dvc", "exp", "run", "-S", "train.lr=0.0007"], clone, env)
     count = len(client.search_runs([exp_id]))
-    out = run(["dvc", "exp", "run", "-S", "train.lr=0.0007"], clone, env)
+    out = shell(["dvc", "exp", "run", "-S", "train.lr=0.0007"], clone, env)
     assert "Running stage 'train'" not in out  # restored from DVC's run-cache
     assert len(client.search_runs([exp_id])) == count
     run_id = json.loads((clone / "reports" / "mlflow_run.json").read_text())["run_id"]
     assert client.get_run(run_id).data.params["train.lr"] == "0.0007"
-    diff = json.loads(run(["dvc", "params", "diff", "--json"], clone, env))
+    diff = json.loads(shell(["dvc", "params", "diff", "--json"], clone, env))
     assert diff["params.yaml"]["train.lr"]["new"] == 0.0007
-    metrics = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], clone, env))
+    metrics = json.loads(shell(["dvc", "metrics", "diff", "--all", "--json"], clone, env))
     assert "metrics/evaluate.json" in metrics
     # `dvc exp run` applied the experiment to the workspace: back to the committed baseline.
-    run(["git", "checkout", "--", "."], clone, env)
-    run(["dvc", "checkout", "--force"], clone, env)
-    assert "up to date" in run(["dvc", "status"], clone, env)
+    shell(["git", "checkout", "--", "."], clone, env)
+    shell(["dvc", "checkout", "--force"], clone, env)
+    assert "up to date" in shell(["dvc", "status"], clone, env)
 
 
 def test_plots_show_the_curves(project, tmp_path):
     """`dvc plots show` renders every curve with its data: no plot dropped for a missing column."""
     clone, env = project
     out = tmp_path / "plots"
-    run(["dvc", "plots", "show", "-o", str(out)], clone, env)
+    shell(["dvc", "plots", "show", "-o", str(out)], clone, env)
     page = (out / "index.html").read_text()
     for title in ("Training loss per step", "Validation per epoch (greedy captions)",
                   "Scene scores per epoch (synthetic data only)"):
         assert title in page, title
-    shown = json.loads(run(["dvc", "plots", "show", "--json"], clone, env))
+    shown = json.loads(shell(["dvc", "plots", "show", "--json"], clone, env))
     assert not shown.get("errors"), shown["errors"]
     epochs = TINY["train"]["epochs"]
     for name in ("Validation per epoch (greedy captions)", "Scene scores per epoch (synthetic data only)"):
@@ -133,5 +133,5 @@ def test_mlflow_models_serve_captions_posted_images(project):
         server.terminate()
         server.wait(30)
     # The registry's champion, from the repo's own store (no MLFLOW_TRACKING_URI needed).
-    out = run(["caption", "--model", "models:/captioner@champion", str(images[0])], clone, env)
+    out = shell(["caption", "--model", "models:/captioner@champion", str(images[0])], clone, env)
     assert f"{images[0]}\t" in out

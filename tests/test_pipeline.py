@@ -11,7 +11,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline_repo import TINY, histories, make_clone, reset, run
+from pipeline_repo import TINY, histories, make_clone, reset, shell
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_one_mlflow_run_per_experiment_and_the_record_never_changes(tmp_path):
     clone, env = make_clone(tmp_path, TINY)
     client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
 
-    out = run(["dvc", "repro"], clone, env)
+    out = shell(["dvc", "repro"], clone, env)
     for stage in ("download", "vocab", "resize", "pretrain", "features", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out
     experiment = client.get_experiment_by_name("captioning")
@@ -42,30 +42,30 @@ def test_one_mlflow_run_per_experiment_and_the_record_never_changes(tmp_path):
     before = histories(client, baseline)
     assert len(before["train_loss"]) >= 2 and len(before["val_loss"]) == 2
     assert {"val_grounded", "val_strict"} <= set(before) and all(v == v for h in before.values() for _, v in h)  # no NaN
-    assert "up to date" in run(["dvc", "status"], clone, env)
-    assert "Running stage" not in run(["dvc", "repro"], clone, env)
+    assert "up to date" in shell(["dvc", "status"], clone, env)
+    assert "Running stage" not in shell(["dvc", "repro"], clone, env)
     # The checkpoint stores what train depends on, nothing more (no evaluate.* to decode with).
     stored = torch.load(clone / "models" / "checkpoint.pt", weights_only=True)["params"]
     assert set(stored) == set(yaml.safe_load((clone / "dvc.yaml").read_text())["stages"]["train"]["params"])
-    run(["git", "add", "-A"], clone, env)
-    run(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
-    head = run(["git", "rev-parse", "HEAD"], clone, env).strip()
+    shell(["git", "add", "-A"], clone, env)
+    shell(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
+    head = shell(["git", "rev-parse", "HEAD"], clone, env).strip()
 
-    out = run(["dvc", "exp", "run", "-n", "beam1", "-S", "evaluate.beam_size=1"], clone, env)
+    out = shell(["dvc", "exp", "run", "-n", "beam1", "-S", "evaluate.beam_size=1"], clone, env)
     assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out
     beam1_info = json.loads((clone / "reports" / "mlflow_run.json").read_text())
     assert json.loads((clone / "models" / "decoding.json").read_text())["beam_size"] == 1
     beam1_model = beam1_info["model_uri"]
     reset(clone, env)
 
-    out = run(["dvc", "exp", "run", "-n", "slow", "-S", "train.lr=0.0005"], clone, env)
+    out = shell(["dvc", "exp", "run", "-n", "slow", "-S", "train.lr=0.0005"], clone, env)
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     for stage in ("download", "vocab", "resize", "pretrain", "features"):  # features are not recomputed
         assert f"Running stage '{stage}'" not in out
     slow_id = json.loads((clone / "reports" / "mlflow_run.json").read_text())["run_id"]
     reset(clone, env)
 
-    out = run(["dvc", "exp", "run", "-n", "slow-again", "-S", "train.lr=0.0005"], clone, env)
+    out = shell(["dvc", "exp", "run", "-n", "slow-again", "-S", "train.lr=0.0005"], clone, env)
     assert "Running stage 'train'" not in out and "Running stage 'evaluate'" not in out  # DVC's run-cache
     assert json.loads((clone / "reports" / "mlflow_run.json").read_text())["run_id"] == slow_id
     reset(clone, env)

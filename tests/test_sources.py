@@ -381,7 +381,7 @@ def test_seed_preset_parses_into_the_seeds_configuration(tmp_path):
 @pytest.mark.slow
 def test_dvc_repro_coco2014_from_the_loopback_server(server, tmp_path):
     """The real `dvc repro` of download, resize and vocab with data.source coco2014 in a clone."""
-    from pipeline_repo import make_clone, run
+    from pipeline_repo import make_clone, shell
 
     clone, env = make_clone(tmp_path, {"data": {"source": "coco2014", "base_url": server.url,
                                                 "checksums": "inputs/data/checksums.json"},
@@ -389,7 +389,7 @@ def test_dvc_repro_coco2014_from_the_loopback_server(server, tmp_path):
     checksums = clone / "inputs" / "data" / "checksums.json"
     checksums.write_text(json.dumps({n: {"size": a.size, "checksum": a.checksum}
                                      for n, a in server.table().items() if n in server.files}))
-    out = run(["dvc", "repro", "vocab"], clone, env)
+    out = shell(["dvc", "repro", "vocab"], clone, env)
     for name in ("download", "resize", "vocab"):
         assert f"Running stage '{name}'" in out
     assert "download: coco2014 -> data/raw: 6 train, 2 val, 2 test images" in out
@@ -402,10 +402,10 @@ def test_dvc_repro_coco2014_from_the_loopback_server(server, tmp_path):
                                "data/resized/val"]
     assert (clone / "data" / "raw" / "train" / "images" / "train2014" / "COCO_train2014_000000000009.jpg").is_file()
     served = sum(server.served.values())
-    assert "Running stage" not in run(["dvc", "repro", "vocab"], clone, env)
-    run(["dvc", "repro", "-f", "download"], clone, env)  # rebuilt from the cache: nothing fetched
+    assert "Running stage" not in shell(["dvc", "repro", "vocab"], clone, env)
+    shell(["dvc", "repro", "-f", "download"], clone, env)  # rebuilt from the cache: nothing fetched
     assert sum(server.served.values()) == served
-    assert "up to date" in run(["dvc", "status", "vocab"], clone, env)
+    assert "up to date" in shell(["dvc", "status", "vocab"], clone, env)
     # The download cache removed (another disk, a cleanup): download fetches it again, never a
     # run-cache restore of the captions alone that would send resize to missing images.
     shutil.rmtree(clone / "data" / "downloads")
@@ -418,20 +418,20 @@ def test_dvc_repro_coco2014_from_the_loopback_server(server, tmp_path):
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "resize: data/raw/train/images/train2014 links to" in done.stderr and "run `dvc repro -f download`" in done.stderr
     assert not any((clone / "data" / "resized").rglob("*.jpg")) or "resize:" in done.stderr
-    out = run(["dvc", "repro", "-f", "download"], clone, env)  # the fix the message names
+    out = shell(["dvc", "repro", "-f", "download"], clone, env)  # the fix the message names
     assert sum(server.served.values()) > served
     assert (clone / "data" / "raw" / "train" / "images" / "train2014" / "COCO_train2014_000000000009.jpg").is_file()
-    out = run(["dvc", "repro", "vocab"], clone, env)
+    out = shell(["dvc", "repro", "vocab"], clone, env)
     assert "Running stage 'resize'" in out
     # data/raw itself removed: never a run-cache restore of the captions without their images
     shutil.rmtree(clone / "data" / "raw")
     (clone / "params.yaml").write_text(params_text)  # back to params the run-cache has seen
-    out = run(["dvc", "repro", "vocab"], clone, env)
+    out = shell(["dvc", "repro", "vocab"], clone, env)
     assert "Running stage 'download'" in out and "Stage 'download' is cached" not in out
-    assert "up to date" in run(["dvc", "status", "vocab"], clone, env)
+    assert "up to date" in shell(["dvc", "status", "vocab"], clone, env)
     # A file a param names is a dependency by content: the same path with other content reruns.
     checksums.write_text(json.dumps(json.loads(checksums.read_text()), indent=1))
-    assert "inputs/data" in run(["dvc", "status", "download"], clone, env)
+    assert "inputs/data" in shell(["dvc", "status", "download"], clone, env)
     outside = tmp_path / "checksums.json"
     outside.write_text(checksums.read_text())
     params = yaml.safe_load((clone / "params.yaml").read_text())

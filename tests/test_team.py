@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, venv_env
 from servers import S3_KEYS, MlflowServer, Postgres, Proxy, S3, free_port, wait_http
-from pipeline_repo import TINY, histories, make_clone, merge, reset, run
+from pipeline_repo import TINY, histories, make_clone, merge, reset, shell
 
 pytestmark = pytest.mark.slow
 
@@ -71,9 +71,9 @@ def team(tmp_path_factory):
 def box_a(team, tmp_path_factory):
     """Box A: the default pipeline run once against the server, and committed."""
     clone, env = team.box(tmp_path_factory.mktemp("box-a"))
-    out = run(["dvc", "repro"], clone, env)
-    run(["git", "add", "-A"], clone, env)
-    run(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
+    out = shell(["dvc", "repro"], clone, env)
+    shell(["git", "add", "-A"], clone, env)
+    shell(["git", "commit", "-q", "-m", "pipeline run"], clone, env)
     return clone, env, out
 
 
@@ -131,16 +131,16 @@ def test_evaluate_only_and_a_queued_sweep_land_there_too(team, box_a):
     clone, env, _ = box_a
     [baseline] = team.runs()
     before = histories(team.client, baseline)
-    out = run(["dvc", "exp", "run", "-n", "beam1", "-S", "evaluate.beam_size=1"], clone, env)
+    out = shell(["dvc", "exp", "run", "-n", "beam1", "-S", "evaluate.beam_size=1"], clone, env)
     assert "Running stage 'evaluate'" in out and "Running stage 'train'" not in out
     reset(clone, env)
     # A sweep of two queued experiments: one trains longer at a higher rate (better on val), one
     # barely moves its weights (worse).
-    run(["dvc", "exp", "run", "--queue", "-n", "better", "-S", "train.epochs=6", "-S", "train.lr=0.02"], clone, env)
-    run(["dvc", "exp", "run", "--queue", "-n", "worse", "-S", "train.lr=0.000001"], clone, env)
-    run(["dvc", "queue", "start", "-j", "1"], clone, env)
+    shell(["dvc", "exp", "run", "--queue", "-n", "better", "-S", "train.epochs=6", "-S", "train.lr=0.02"], clone, env)
+    shell(["dvc", "exp", "run", "--queue", "-n", "worse", "-S", "train.lr=0.000001"], clone, env)
+    shell(["dvc", "queue", "start", "-j", "1"], clone, env)
     deadline = time.monotonic() + 600
-    while (status := run(["dvc", "queue", "status"], clone, env)).count("Success") < 2:
+    while (status := shell(["dvc", "queue", "status"], clone, env)).count("Success") < 2:
         assert "Failed" not in status and time.monotonic() < deadline, status
         time.sleep(3)
     runs = {r.info.run_name: r for r in team.runs()}
@@ -184,30 +184,30 @@ def test_the_champion_is_served_by_alias(team, box_a):
     finally:
         server.terminate()
         server.wait(30)
-    out = run(["caption", "--model", "models:/captioner@champion", str(images[0])], clone, env)
+    out = shell(["caption", "--model", "models:/captioner@champion", str(images[0])], clone, env)
     assert f"{images[0]}\t" in out
 
 
 def test_an_experiment_moves_between_boxes(team, box_a, tmp_path):
     clone_a, env, _ = box_a
     origin = tmp_path / "origin.git"
-    run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path, env)
-    run(["git", "remote", "add", "origin", str(origin)], clone_a, env)
-    run(["dvc", "remote", "add", "-d", "store", "s3://dvc/store"], clone_a, env)
-    run(["dvc", "remote", "modify", "store", "endpointurl", team.s3.url], clone_a, env)
-    run(["git", "commit", "-q", "-am", "the team's DVC remote"], clone_a, env)
-    run(["git", "push", "-q", "origin", "main"], clone_a, env)
-    run(["dvc", "exp", "run", "-n", "lr-half", "-S", "train.lr=0.002"], clone_a, env)
-    run(["dvc", "exp", "push", "origin", "lr-half"], clone_a, env)
-    run(["dvc", "push"], clone_a, env)
+    shell(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path, env)
+    shell(["git", "remote", "add", "origin", str(origin)], clone_a, env)
+    shell(["dvc", "remote", "add", "-d", "store", "s3://dvc/store"], clone_a, env)
+    shell(["dvc", "remote", "modify", "store", "endpointurl", team.s3.url], clone_a, env)
+    shell(["git", "commit", "-q", "-am", "the team's DVC remote"], clone_a, env)
+    shell(["git", "push", "-q", "origin", "main"], clone_a, env)
+    shell(["dvc", "exp", "run", "-n", "lr-half", "-S", "train.lr=0.002"], clone_a, env)
+    shell(["dvc", "exp", "push", "origin", "lr-half"], clone_a, env)
+    shell(["dvc", "push"], clone_a, env)
 
     clone_b = tmp_path / "box-b"
-    run(["git", "clone", "-q", str(origin), str(clone_b)], tmp_path, env)
+    shell(["git", "clone", "-q", str(origin), str(clone_b)], tmp_path, env)
     env_b = dict(env, PYTHONPATH=str(clone_b / "src"))
-    run(["dvc", "exp", "pull", "origin", "lr-half"], clone_b, env_b)
-    run(["dvc", "exp", "apply", "lr-half"], clone_b, env_b)
-    run(["dvc", "pull"], clone_b, env_b)
-    assert "up to date" in run(["dvc", "status"], clone_b, env_b)
+    shell(["dvc", "exp", "pull", "origin", "lr-half"], clone_b, env_b)
+    shell(["dvc", "exp", "apply", "lr-half"], clone_b, env_b)
+    shell(["dvc", "pull"], clone_b, env_b)
+    assert "up to date" in shell(["dvc", "status"], clone_b, env_b)
     lock = _lock(clone_a)
     assert _lock(clone_b) == lock
     for path in lock:
@@ -274,13 +274,13 @@ def test_a_wrong_or_unready_store_stops_the_stage_in_one_line(team, box_a, tmp_p
     reset(clone, env)
     # The champion's version deleted (which removes its alias): serving it says so in one line,
     # and the next version is compared with the best one left.
-    run(["dvc", "exp", "run", "-S", "evaluate.registered_model=solo"], clone, env)
+    shell(["dvc", "exp", "run", "-S", "evaluate.registered_model=solo"], clone, env)
     reset(clone, env)
     team.client.delete_model_version("solo", "1")
     out = _fails(["caption", "--model", "models:/solo@champion", str(next((clone / "data" / "raw" / "test"
                                                                               / "images").glob("*.jpg")))], clone, env)
     assert out.strip().count("\n") == 0 and "caption: models:/solo@champion:" in out
-    out = run(["dvc", "exp", "run", "-S", "evaluate.registered_model=solo", "-S", "evaluate.beam_size=1"], clone, env)
+    out = shell(["dvc", "exp", "run", "-S", "evaluate.registered_model=solo", "-S", "evaluate.beam_size=1"], clone, env)
     assert "registry: solo v2" in out and "@champion -> v2" in out
     reset(clone, env)
 
@@ -293,16 +293,16 @@ def test_a_server_that_goes_away_mid_run_loses_nothing(team, box_a, tmp_path):
     proxy = Proxy(team.server.port, cut_after=b'"train_loss"')
     clone, env = team.box(tmp_path, uri=proxy.url)
     env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0")
-    run(["dvc", "repro", "features"], clone, env)
+    shell(["dvc", "repro", "features"], clone, env)
     out = _fails(["dvc", "repro"], clone, env)
     assert "Epoch [2/2]" in out  # training went on after the cut
     [line] = [li for li in out.splitlines() if li.startswith("train: MLFLOW_TRACKING_URI=")]
     assert "no MLflow server answers there" in line and "The training is kept" in line
     assert "Running stage 'evaluate'" not in out
     proxy.restore()
-    out = run(["dvc", "repro"], clone, env)
+    out = shell(["dvc", "repro"], clone, env)
     assert "resumed from" in out and "Epoch [" not in out and "Running stage 'evaluate'" in out
-    assert "up to date" in run(["dvc", "status"], clone, env)
+    assert "up to date" in shell(["dvc", "status"], clone, env)
     run = team.client.get_run(json.loads((clone / "reports" / "mlflow_run.json").read_text())["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["captioning.resumed"] == "yes"
     steps = [m.step for m in team.client.get_metric_history(run.info.run_id, "train_loss")]
