@@ -10,9 +10,9 @@ import argparse
 import time
 
 from captioning import sources, synthetic
-from captioning.errors import run_stage
 from captioning.io import atomic_path, write_json_atomic
 from captioning.params import check_inputs, load_params
+from captioning.stage import run_stage
 
 PARAMS = ("seed", "data")
 

@@ -19,14 +19,14 @@ from mlflow.tracking import MlflowClient
 
 from captioning import accel, lineage, registry, synthetic, tracking
 from captioning.checkpoint import load_checkpoint
-from captioning.datasets import read_split
-from captioning.errors import run_stage
 from captioning.io import file_digest, write_json_atomic, write_text_atomic
+from captioning.layout import read_split
 from captioning.metrics import coco_scores
 from captioning.params import load_params
 from captioning.predict import Decoding, caption_images
 from captioning.report import GalleryItem, gallery_html
 from captioning.serving import log_pyfunc, model_name
+from captioning.stage import run_stage
 from captioning.text import Vocabulary
 
 PARAMS = ("evaluate", "compute")

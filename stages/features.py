@@ -14,10 +14,10 @@ import torch
 
 from captioning import accel, features
 from captioning.backbone import backbone_from_state, grid_trunk, trunk
-from captioning.datasets import SPLITS, read_split
-from captioning.errors import run_stage
 from captioning.io import atomic_path
+from captioning.layout import SPLITS, read_split
 from captioning.params import load_params
+from captioning.stage import run_stage
 
 PARAMS = ("seed", "features", "model.backbone", "model.image_size", "model.decoder", "model.grid_layer",
           "model.train_backbone", "train.hflip", "compute")

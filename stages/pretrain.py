@@ -8,11 +8,11 @@ import torch
 
 from captioning import accel
 from captioning.backbone import recorded_weights, resnet
-from captioning.datasets import read_split
-from captioning.errors import run_stage
 from captioning.io import atomic_path, write_csv_atomic, write_json_atomic
+from captioning.layout import read_split
 from captioning.params import load_params
 from captioning.pretrain import build_concepts, pretrain_backbone
+from captioning.stage import run_stage
 
 PARAMS = ("seed", "pretrain", "model.backbone", "model.image_size", "compute")
 

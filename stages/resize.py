@@ -15,12 +15,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from captioning.datasets import (SPLITS, DatasetError, captions_path, check_links, coco_captions, images_dir,
-                                 read_split)
-from captioning.errors import run_stage
 from captioning.images import BadImageError, resize_all
 from captioning.io import atomic_path, read_json, write_json_atomic
+from captioning.layout import (SPLITS, DatasetError, captions_path, check_links, coco_captions, images_dir,
+                               read_split)
 from captioning.params import load_params
+from captioning.stage import run_stage
 
 PARAMS = ("resize", "data.on_bad_image")
 

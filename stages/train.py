@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
-from captioning import accel, tracking
+from captioning import accel, synthetic, tracking
 from captioning.checkpoint import save_checkpoint
-from captioning.errors import run_stage
 from captioning.io import write_csv_atomic, write_json_atomic
+from captioning.layout import read_split
 from captioning.metrics import val_key
 from captioning.params import load_params
+from captioning.stage import run_stage
 from captioning.text import Vocabulary
 from captioning.training import Callbacks, captioner_and_data, fit, resume_key
 
@@ -33,7 +34,9 @@ def main(args: argparse.Namespace) -> None:
     vocab = Vocabulary.load(args.vocab)
     key = resume_key(params, vocab, Path(args.data) / "train" / "captions.json", Path(args.backbone))
     resume = Path(args.resume_dir) / f"train-{key}.pt"
-    model, data = captioner_and_data(args.data, args.backbone, args.features, vocab, params)
+    splits = read_split(args.data, "train"), read_split(args.data, "val")
+    scene_scores = synthetic.scorer(splits[1].captioned(), params.train.select_metric)
+    model, data = captioner_and_data(splits, args.backbone, args.features, vocab, params, scene_scores)
     if not runtime.world.is_main:
         fit(model, data, params.train, seed=params.seed, runtime=runtime, callbacks=Callbacks(), resume_path=resume)
         accel.leave_distributed()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from captioning.datasets import read_split
-from captioning.errors import run_stage
+from captioning.layout import read_split
 from captioning.params import load_params
+from captioning.stage import run_stage
 from captioning.text import Vocabulary, tokenize
 
 PARAMS = ("vocab",)

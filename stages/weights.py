@@ -12,8 +12,8 @@ import argparse
 
 from captioning import imagenet, sources
 from captioning.backbone import load_weights
-from captioning.errors import run_stage
 from captioning.params import check_inputs, load_params
+from captioning.stage import run_stage
 
 PARAMS = ("model.backbone", "model.pretrained", "model.weights_path", "model.weights_version", "data.base_url",
           "data.checksums")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from captioning.synthetic import write_dataset
 from captioning.params import DataParams
+from captioning.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from captioning.data import CaptionDataset, EpochBatchSampler, collate_captions
-from captioning.datasets import read_split
 from captioning.images import Transform, load_rgb, normalize, scaled_side
+from captioning.layout import read_split
 from captioning.text import Vocabulary
 
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from captioning.errors import run_stage
 from captioning.backbone import resnet
+from captioning.stage import run_stage
 from captioning.text import Vocabulary
 from conftest import REPO, venv_env
 from test_sources import Loopback, coco_archives
@@ -190,7 +190,7 @@ def test_a_full_disk_is_one_line_naming_where(tmp_path, capsys):
 
 
 def test_a_bug_keeps_its_traceback(tmp_path):
-    code = "from captioning.errors import run_stage\nrun_stage('x', lambda: [][1])"
+    code = "from captioning.stage import run_stage\nrun_stage('x', lambda: [][1])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=venv_env())
     assert done.returncode == 1 and "Traceback" in done.stderr and "IndexError" in done.stderr
     assert os.environ.get("PATH")  # (the environment is untouched)

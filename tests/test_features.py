@@ -15,8 +15,8 @@ from captioning import data, features
 from captioning.accel import Runtime
 from captioning.backbone import trunk
 from captioning.data import FeatureDataset
-from captioning.datasets import Split, read_split
 from captioning.images import Transform, load_rgb
+from captioning.layout import Split, read_split
 from captioning.model import Captioner
 from captioning.params import ComputeParams, ModelParams, TrainParams
 from captioning.text import Vocabulary

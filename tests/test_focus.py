@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 
 from captioning.checkpoint import save_checkpoint
-from captioning.datasets import read_split
+from captioning.layout import read_split
 from captioning.model import Captioner
 from captioning.params import ModelParams
 from captioning.text import Vocabulary

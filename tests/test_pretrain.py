@@ -6,8 +6,8 @@ import torchvision
 
 from captioning.accel import Runtime
 from captioning.data import EpochBatchSampler, load_scaled
-from captioning.datasets import read_split
 from captioning.images import Transform, scaled_side
+from captioning.layout import read_split
 from captioning.model import Captioner
 from captioning.params import LR_SCHEDULES, ComputeParams, ModelParams, PretrainParams
 from captioning.pretrain import ConceptTargets, build_concepts, caption_concepts, image_batches, pretrain_backbone

@@ -21,9 +21,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from captioning.datasets import DatasetError, read_split
 from captioning.errors import InputError, UserError
 from captioning.images import BadImageError, load_rgb, resize_all
+from captioning.layout import DatasetError, read_split
 from conftest import REPO, venv_env
 
 

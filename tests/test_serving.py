@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from captioning.checkpoint import save_checkpoint
-from captioning.datasets import read_split
+from captioning.layout import read_split
 from captioning.model import Captioner
 from captioning.params import ModelParams
 from captioning.predict import Decoding, caption_images, encode_image, main

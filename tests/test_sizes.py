@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from captioning import features
 from captioning.accel import Runtime, World
 from captioning.backbone import resnet
-from captioning.datasets import Split, read_split
+from captioning.layout import Split, read_split
 from captioning.model import Captioner
 from captioning.params import ComputeParams, DataParams, ModelParams, PretrainParams, TrainParams
 from captioning.predict import Decoding, caption_images

@@ -23,10 +23,10 @@ import yaml
 from PIL import Image
 
 from captioning import sources
-from captioning.datasets import DatasetError, SPLITS, read_split
 from captioning.download import Archive, DownloadError, fetch, safe_extract
 from captioning.errors import UserError
 from captioning.io import atomic_path
+from captioning.layout import DatasetError, SPLITS, read_split
 from captioning.params import DataParams, ParamsError
 from captioning.presets import flags, load_preset
 from conftest import REPO

@@ -7,8 +7,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from captioning import synthetic
-from captioning.datasets import SPLITS, captions_path, read_split
-from captioning.params import DataParams
+from captioning.layout import SPLITS, captions_path, read_split
+from captioning.params import DataParams, ParamsError
 
 
 def _digest(root):
@@ -102,6 +102,14 @@ def test_only_records_with_scenes_have_scene_scores(tiny_data):
     assert synthetic.has_scenes(split.captioned())
     assert not synthetic.has_scenes([{k: v for k, v in r.items() if k != "scene"} for r in split.images])
     assert not synthetic.has_scenes([])
+
+
+def test_scene_scores_are_plugged_in_where_the_records_carry_scenes():
+    scene = {"objects": [{"colour": "red", "shape": "circle", "x": 0.5, "y": 0.5}], "background": "white"}
+    assert synthetic.scorer([{"id": 1, "scene": scene}], "grounded") is synthetic.scene_scores
+    assert synthetic.scorer([{"id": 1}], "cider") is None
+    with pytest.raises(ParamsError, match="train.select_metric is strict, which needs the synthetic dataset's scenes"):
+        synthetic.scorer([{"id": 1}], "strict")
 
 
 def test_generic_modules_do_not_import_the_synthetic_dataset():

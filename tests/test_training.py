@@ -9,7 +9,7 @@ import torch
 
 from captioning.accel import Runtime
 from captioning.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from captioning.datasets import read_split
+from captioning.layout import read_split
 from captioning.model import Captioner
 from captioning.params import LR_SCHEDULES, ComputeParams, ModelParams, ParamsError, TrainParams
 from captioning.predict import Decoding, caption_images

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from captioning import imagenet
-from captioning.download import Archive, DownloadError, fetch
 from captioning.backbone import WeightsError, hub_checkpoints, load_weights, recorded_weights, resnet
+from captioning.download import Archive, DownloadError, fetch
 from captioning.params import ParamsError
 from test_sources import Loopback
 

@@ -13,8 +13,8 @@ import torch
 import torchvision
 from torch import nn
 
-from captioning.io import file_digest, read_json
 from captioning.errors import UserError
+from captioning.io import file_digest, read_json
 from captioning.params import BACKBONES, ModelParams
 
 

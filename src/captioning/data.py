@@ -18,8 +18,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from captioning.datasets import Split
 from captioning.images import Scale, Transform, load_rgb
+from captioning.layout import Split
 from captioning.text import Vocabulary
 
 

@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from captioning.checkpoint import load_checkpoint
     from captioning.data import ImageDataset
-    from captioning.datasets import read_split
     from captioning.images import Transform
+    from captioning.layout import read_split
 
     try:
         model, vocab, _ = load_checkpoint(args.checkpoint)

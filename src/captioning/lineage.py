@@ -3,7 +3,7 @@ and the DVC md5s of the data and models it used.
 
 A pipeline run is one `dvc repro` or `dvc exp run` (or one queued experiment): DVC starts every
 stage as a child of that one process, so the nearest `dvc` process above a stage names the
-pipeline run. `errors.run_stage` records each stage's time under `<workspace>/tmp/stages/`,
+pipeline run. `stage.run_stage` records each stage's time under `<workspace>/tmp/stages/`,
 labelled with that name; a later stage of the same pipeline run then tells a stage that ran from
 one DVC skipped or restored from its cache. The md5s come from `dvc.lock`, which DVC updates after
 each stage, so a stage sees those of every stage before it.

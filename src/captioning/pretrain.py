@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 
 from captioning.accel import Runtime
 from captioning.data import IN_MEMORY_BYTES, EpochBatchSampler, ImageDataset, load_scaled
-from captioning.datasets import Split
 from captioning.images import Transform, normalize, scaled_side
+from captioning.layout import Split
 from captioning.optim import TrainingStep, adam, lr_schedule
 from captioning.params import PretrainParams
 from captioning.text import tokenize

@@ -1,6 +1,6 @@
 """Real dataset sources: COCO 2014/2017 and Flickr8k/30k on the Karpathy split, and a user's own.
 
-Every source ends in the layout of `datasets` (`<out>/<split>/captions.json` and
+Every source ends in the layout of `layout` (`<out>/<split>/captions.json` and
 `<out>/<split>/images/<file_name>`), so vocab, resize and train never know where data came from.
 
 Images are not copied into the dataset folder. `<split>/images` holds symlinks to where the
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from captioning.datasets import DatasetError, SPLITS, captions_path, coco_captions, images_dir, parse_coco
 from captioning.download import Archive, check_free_space, fetch, safe_extract
 from captioning.io import file_digest, read_json
+from captioning.layout import DatasetError, SPLITS, captions_path, coco_captions, images_dir, parse_coco
 from captioning.params import DataParams
 
 # The one table of what is downloaded. COCO publishes no checksums itself; the md5 values are the
@@ -64,7 +64,7 @@ MISSING_EXAMPLES = 5  # missing file names shown in an error
 
 
 @dataclass
-class Dataset:
+class ResolvedSource:
     """A source, resolved: image records and captions per split, and where the images are."""
 
     splits: dict[str, tuple[list[dict], dict[int, list[str]]]]
@@ -73,8 +73,8 @@ class Dataset:
 
 
 def build(params: DataParams, seed: int, downloads: str | Path, *, table: dict[str, Archive] | None = None,
-          free_bytes=None) -> Dataset:
-    """Resolve `params.source` (downloading what it needs into `downloads`) to a Dataset."""
+          free_bytes=None) -> ResolvedSource:
+    """Resolve `params.source` (downloading what it needs into `downloads`) to a ResolvedSource."""
     table = table or load_table(params.checksums)
     downloads = Path(downloads)
     fetcher = _Fetcher(table, downloads, params.base_url, free_bytes)
@@ -96,7 +96,7 @@ def build(params: DataParams, seed: int, downloads: str | Path, *, table: dict[s
     return dataset
 
 
-def write(out: str | Path, dataset: Dataset) -> None:
+def write(out: str | Path, dataset: ResolvedSource) -> None:
     """Write the pipeline layout for `dataset` under `out` (a new folder)."""
     out = Path(out)
     for split in SPLITS:
@@ -201,7 +201,7 @@ def karpathy_entries(doc, path: str | Path) -> dict[str, list[dict]]:
     return out
 
 
-def _coco(params: DataParams, fetcher: _Fetcher) -> Dataset:
+def _coco(params: DataParams, fetcher: _Fetcher) -> ResolvedSource:
     annotations, image_zips = COCO[params.source]
     fetcher.check_space([annotations, KARPATHY_ZIP, *image_zips], params.source)
     ann_root = fetcher.extracted(annotations, keep=lambda m: Path(m).name.startswith("captions_"))
@@ -230,17 +230,17 @@ def _coco(params: DataParams, fetcher: _Fetcher) -> Dataset:
         links[stem] = fetcher.extracted(image_zip, keep=lambda m: m.lower().endswith(".jpg")) / stem
     manifest = {"archives": {n: fetcher.table[n].checksum for n in (annotations, *image_zips)},
                 "karpathy": _karpathy_pin(params, fetcher, karpathy_path)}
-    return Dataset(splits, links, manifest)
+    return ResolvedSource(splits, links, manifest)
 
 
-def _flickr(params: DataParams, fetcher: _Fetcher) -> Dataset:
+def _flickr(params: DataParams, fetcher: _Fetcher) -> ResolvedSource:
     folder = _user_folder(params)
     karpathy_path, doc = _karpathy(params, fetcher)
-    return Dataset(_from_karpathy(doc, karpathy_path), {"": folder},
+    return ResolvedSource(_from_karpathy(doc, karpathy_path), {"": folder},
                    {"karpathy": _karpathy_pin(params, fetcher, karpathy_path)})
 
 
-def _local(params: DataParams, seed: int) -> Dataset:
+def _local(params: DataParams, seed: int) -> ResolvedSource:
     folder = _user_folder(params)
     if not params.annotations:
         raise DatasetError("data.source local needs data.annotations: a COCO captions json (or a Karpathy-format "
@@ -252,7 +252,7 @@ def _local(params: DataParams, seed: int) -> Dataset:
     else:
         images, captions, _ = parse_coco(doc, path, keep_empty=True)
         splits = split_by_fraction(images, captions, params.val_fraction, params.test_fraction, seed)
-    return Dataset(splits, {"": folder}, {"annotations": _sha256(path)})
+    return ResolvedSource(splits, {"": folder}, {"annotations": _sha256(path)})
 
 
 def _from_karpathy(doc, path) -> dict[str, tuple[list[dict], dict[int, list[str]]]]:
@@ -308,7 +308,7 @@ def _user_folder(params: DataParams) -> Path:
     return folder
 
 
-def check_images(dataset: Dataset, on_bad_image: str) -> int:
+def check_images(dataset: ResolvedSource, on_bad_image: str) -> int:
     """Count referenced images that are not there; with on_bad_image=error stop, listing them.
 
     With `skip` they stay listed: resize meets them, skips them and names them in its report.

@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from captioning.datasets import SPLITS, captions_path, coco_captions, images_dir
-from captioning.params import DataParams
+from captioning.layout import SPLITS, captions_path, coco_captions, images_dir
+from captioning.params import DataParams, ParamsError
 from captioning.text import tokenize
 
 # Saturated object colours; backgrounds below stay low-saturation so no object can vanish into one.
@@ -382,6 +382,17 @@ def has_scenes(records: list[dict]) -> bool:
     return bool(records) and all("scene" in r for r in records)
 
 
+def scorer(records: list[dict], select_metric: str):
+    """`scene_scores` where `records` carry scenes, else None. A `train.select_metric` that needs
+    scenes refuses a dataset without them."""
+    if has_scenes(records):
+        return scene_scores
+    if select_metric in SCENE_METRICS:
+        raise ParamsError(f"train.select_metric is {select_metric}, which needs the synthetic dataset's scenes; "
+                          "this dataset has none: pick cider, bleu_4 or val_loss")
+    return None
+
+
 def scene_scores(records: list[dict], hypotheses: dict[int, str]) -> dict[str, float]:
     """Shares of captioned records (id -> caption in `hypotheses`) whose caption `grounded`: names
     exactly its scene's (colour, shape) objects; `strict`: passes `names_scene_strictly` too."""
@@ -408,7 +419,7 @@ def make_sample(seed: int, split: str, index: int, min_side: int, max_side: int,
 
 def write_dataset(out: Path, params: DataParams, seed: int) -> dict[str, int]:
     """Generate the dataset under `out` (which must not exist) in the pipeline's layout (see
-    `captioning.datasets`), each record with its scene; return images per split."""
+    `captioning.layout`), each record with its scene; return images per split."""
     sizes = {"train": params.num_train, "val": params.num_val, "test": params.num_test}
     workers = params.workers or os.cpu_count() or 1
     base_id = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000}  # ids unique across splits

@@ -41,7 +41,6 @@ from captioning.errors import UserError
 from captioning.io import file_digest, write_json_atomic
 from captioning.metrics import val_key
 from captioning.params import ParamsError, flatten, load_params, parse_params
-from captioning.training import Callbacks, FitResult
 
 EXPERIMENT = "captioning"
 PIPELINE_RUN = "captioning.pipeline_run"  # tag: the pipeline run (lineage.pipeline_run) that made the run
@@ -485,8 +484,8 @@ def _nothing():
     yield
 
 
-class TrainingLogs(Callbacks):
-    """Training callbacks of rank 0: print each logged step like the seed, and send steps (loss,
+class TrainingLogs:
+    """Training callbacks (`training.Callbacks`) of rank 0: print each logged step like the seed, and send steps (loss,
     perplexity) and epochs (validation scores) to the run, buffered.
 
     A resumed training continues its run (`training_run`), which holds points up to
@@ -516,9 +515,10 @@ class TrainingLogs(Callbacks):
         for row in history:
             self._epoch(row)
 
-    def finish(self, result: FitResult, checkpoint: str | Path, kept: Path) -> None:
-        """Send what is left, then the run's summary and the checkpoint's md5 (how evaluate finds
-        this run). A store still down stops here in one line naming the `kept` training."""
+    def finish(self, result, checkpoint: str | Path, kept: Path) -> None:
+        """Send what is left of `result` (a `training.FitResult`), then the run's summary and the
+        checkpoint's md5 (how evaluate finds this run). A store still down stops here in one line
+        naming the `kept` training."""
         self.catch_up(result.step_rows, result.history)
         try:
             self.mlflow.flush(final=True)

@@ -30,12 +30,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.data import DataLoader
 
-from captioning import accel, features, synthetic
+from captioning import accel, features
 from captioning.accel import Runtime, World
 from captioning.data import CaptionDataset, EpochBatchSampler, FeatureDataset, collate_captions
-from captioning.datasets import Split, read_split
 from captioning.images import Transform
 from captioning.io import atomic_path, file_digest
+from captioning.layout import Split
 from captioning.metrics import quick_scores
 from captioning.model import Captioner
 from captioning.optim import TrainingStep, adam, lr_schedule
@@ -87,23 +87,18 @@ def training_data(vocab: Vocabulary, train_split: Split, val_split: Split, image
                         cached=features is not None, scene_scores=scene_scores)
 
 
-def captioner_and_data(folder: str | Path, backbone: str | Path, cached: str | Path, vocab: Vocabulary,
-                       params: Params) -> tuple[Captioner, TrainingData]:
-    """The captioner to train (on the pretrained `backbone` file) and its data, read from the
-    dataset `folder`, and from the `cached` features folder when the backbone is frozen."""
-    train_split, val_split = read_split(folder, "train"), read_split(folder, "val")
-    scenes = synthetic.has_scenes(val_split.captioned())
-    if params.train.select_metric in synthetic.SCENE_METRICS and not scenes:
-        raise ParamsError(f"train.select_metric is {params.train.select_metric}, which needs the synthetic "
-                          "dataset's scenes; this dataset has none: pick cider, bleu_4 or val_loss")
+def captioner_and_data(splits: tuple[Split, Split], backbone: str | Path, cached: str | Path, vocab: Vocabulary,
+                       params: Params, scene_scores: SceneScores | None = None) -> tuple[Captioner, TrainingData]:
+    """The captioner to train (on the pretrained `backbone` file) and its data: the (train, val)
+    `splits`, or with a frozen backbone their features in the `cached` folder."""
+    train_split, val_split = splits
     model = Captioner.build(params.model, len(vocab), torch.load(backbone, map_location="cpu", weights_only=True))
     arrays = None
     if not params.model.train_backbone:  # the backbone is frozen: its output is cached
         arrays = tuple(features.read(cached, name, [r["id"] for r in split.images], model.encoder.feature_size,
                                      grid=params.model.decoder == "attention")
                        for name, split in (("train", train_split), ("val", val_split)))
-    data = training_data(vocab, train_split, val_split, params.model.image_size, params.train, arrays,
-                         synthetic.scene_scores if scenes else None)
+    data = training_data(vocab, train_split, val_split, params.model.image_size, params.train, arrays, scene_scores)
     return model, data
 
 

@@ -1,4 +1,4 @@
-"""Dataset sources, all ending in one layout that the later stages read:
+"""The on-disk layout every source ends in (see `sources`), and that the later stages read:
 
     <root>/<split>/captions.json   COCO captions format: images[{id, file_name, width, height, ...}],
                                    annotations[{id, image_id, caption}]
