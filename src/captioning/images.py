@@ -20,7 +20,7 @@ from tqdm import tqdm
 from captioning.errors import UserError
 
 # torch is imported inside the few functions that make tensors: the resize stage and its worker
-# processes never use it, and importing it costs each of them ~4 s (more under spawn).
+# processes never use it, and importing it costs each of them seconds of start-up.
 if TYPE_CHECKING:
     import torch
 
