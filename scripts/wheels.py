@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import json
 import platform
 import re
 import shutil
@@ -124,18 +125,37 @@ def last_error(done: subprocess.CompletedProcess) -> str:
     return " ".join(lines[-1:]).removeprefix("ERROR: ") or f"pip exited with {done.returncode}"
 
 
+def source_only(requirements: list[str], sources: list[str]) -> list[str]:
+    """`name==version` of each package that the requirements resolve to, on this machine, as a
+    source archive: those publish no wheel, and pip cannot resolve them for another platform."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        done = pip("install", "-q", "--dry-run", "--ignore-installed", "--report", str(report), *sources,
+                   *requirements)
+        if done.returncode:
+            raise BundleError(f"the requirements do not resolve: {last_error(done)}")
+        items = json.loads(report.read_text())["install"]
+    return [f"{item['metadata']['name']}=={item['metadata']['version']}" for item in items
+            if not item["download_info"]["url"].endswith(".whl")]
+
+
 def download(requirements: list[str], out: Path, target: list[str], sources: list[str]) -> list[str]:
-    """Resolve and download `requirements` and their dependencies into `out`; build the ones that
-    have no wheel but a pure-Python source here, then resolve again. Returns those built."""
-    built: list[str] = []
+    """Resolve and download `requirements` and their dependencies into `out`, for the target.
+    Packages published as source only are built here first (pure-Python wheels, which pip then
+    finds in `out`). Returns those built."""
+    built = source_only(requirements, sources)
+    for requirement in built:
+        print(f"{requirement}: no wheel published; building it here", flush=True)
+        build_pure_wheel(requirement, out, sources)
     while True:
         done = pip("download", "-q", *target, *sources, "--find-links", str(out), "-d", str(out), *requirements)
         if done.returncode == 0:
             return built
+        # One that has wheels for this machine but not for the target: built if its source is pure.
         missing = re.findall(r"No matching distribution found for (\S+)", done.stderr)
         if not missing or missing[0] in built:
             raise BundleError(last_error(done))
-        print(f"no wheel of {missing[0]} for that Python and platform: building it here", flush=True)
+        print(f"{missing[0]}: no wheel for that Python and platform; building it here", flush=True)
         build_pure_wheel(missing[0], out, sources)
         built.append(missing[0])
 

@@ -30,28 +30,3 @@ def test_benchmark_runs_and_both_ways_caption_alike(tmp_path):
     seed, ours = r["eval_seed_single@32"]["captions"], r["eval_batched@32"]["captions"]
     assert len(seed) == 6 and seed == ours
     assert [r[f"scale_{n}"]["images"] for n in (24, 48)] == [24, 48]
-
-
-def test_attention_focus_reads_an_attention_checkpoint_and_refuses_an_lstm_one(tiny_data, tmp_path):
-    from captioning.checkpoint import save_checkpoint
-    from captioning.datasets import read_split
-    from captioning.model import Captioner
-    from captioning.params import ModelParams
-    from captioning.text import Vocabulary
-
-    train = read_split(tiny_data, "train")
-    vocab = Vocabulary.build([c for cs in train.captions.values() for c in cs], 1)
-    for decoder in ("attention", "lstm"):
-        params = ModelParams(image_size=32, embed_size=16, hidden_size=24, decoder=decoder, attention_size=8)
-        save_checkpoint(tmp_path / f"{decoder}.pt", Captioner.build(params, len(vocab)), vocab, params={})
-
-    def run(decoder: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "bench/attention_focus.py", "--checkpoint", str(tmp_path / f"{decoder}.pt"),
-                               "--data", str(tiny_data)], cwd=REPO, env=venv_env(), capture_output=True, text=True,
-                              timeout=300, stdin=subprocess.DEVNULL, check=False)
-
-    focus = run("attention")
-    assert focus.returncode == 0, focus.stderr[-3000:]
-    assert "12 test images" in focus.stdout and "4 cells: mean largest weight" in focus.stdout
-    refused = run("lstm")
-    assert refused.returncode != 0 and "model.decoder is lstm" in refused.stderr
