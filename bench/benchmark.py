@@ -58,8 +58,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioning import accel, features
 from captioning.contention import QUIET_LOAD, busy_cpu_seconds, other_load, own_cpu_seconds
-from captioning.datasets import SPLITS, Split, images_dir, read_split
 from captioning.images import Transform, resize_all
+from captioning.layout import SPLITS, Split, images_dir, read_split
 from captioning.model import Captioner
 from captioning.params import ComputeParams, DataParams, EvaluateParams, ModelParams, TrainParams
 from captioning.predict import Decoding, caption_images
@@ -119,6 +119,9 @@ class Setup:
 
     def compute_params(self) -> ComputeParams:
         return ComputeParams(device=self.device, num_workers=self.num_workers, bf16=self.bf16)
+
+    def runtime(self) -> accel.Runtime:
+        return accel.Runtime(self.torch_device(), self.compute_params())
 
 
 @dataclass(frozen=True)
@@ -369,7 +372,7 @@ def run_ours(paths: Paths, setup: Setup, n_train: int, image_size: int, captions
     watch = Stopwatch()  # includes fit's up-front caption tokenization
     params = setup.train_params(captions_per_image)
     result = fit(model, training_data(vocab, split, val, image_size, params), params, seed=setup.seed,
-                 device=setup.torch_device(), callbacks=clock, compute=setup.compute_params())
+                 runtime=setup.runtime(), callbacks=clock)
     if save_model:
         torch.save({"config": model.config, "state": result.best_state}, paths.model(image_size))
     last = clock.losses[-LAST_STEPS:]
@@ -387,16 +390,15 @@ def run_ours_cached(paths: Paths, setup: Setup) -> dict:
     model = new_model(setup, vocab, setup.image_size)
     extraction = Stopwatch()
     cached = tuple(features.extract(model.encoder.backbone, [s.image_path(r) for r in s.images],
-                                    image_size=setup.image_size, device=setup.torch_device(), views=1,
-                                    hflip=False, seed=setup.seed, batch_size=128, num_workers=setup.num_workers,
-                                    bf16=setup.bf16, desc="bench features")
+                                    features.Views(setup.image_size, 1, False), seed=setup.seed, batch_size=128,
+                                    runtime=setup.runtime(), desc="bench features")
                    for s in (split, val))
     extract_seconds = extraction.stop()["seconds"]
     clock = StepClock()
     watch = Stopwatch()
     params = setup.train_params()
     fit(model, training_data(vocab, split, val, setup.image_size, params, cached), params, seed=setup.seed,
-        device=setup.torch_device(), callbacks=clock, compute=setup.compute_params())
+        runtime=setup.runtime(), callbacks=clock)
     last = clock.losses[-LAST_STEPS:]
     return {**watch.stop(end=clock.times[-1]), "extract_seconds": extract_seconds,
             "extracted": sum(len(c) for c in cached), "steps": len(clock.losses),

@@ -85,7 +85,7 @@ def caption_test_split(work: Path, device: str, params: dict) -> dict:
     """The evaluate stage's captions of the test split (its decoding and batching), timed."""
     from captioning import accel
     from captioning.checkpoint import load_checkpoint
-    from captioning.datasets import read_split
+    from captioning.layout import read_split
     from captioning.predict import Decoding, caption_images
     from captioning.text import Vocabulary
 
@@ -115,14 +115,14 @@ def _sync(device: torch.device) -> None:
 def run_seed_model(work: Path, device: str, images: int, epochs: int) -> dict:
     """The seed's ResNet-152 captioner (random weights, 224 px) on `images` synthetic images."""
     from captioning import accel, features
-    from captioning.datasets import images_dir, read_split
     from captioning.images import resize_all
+    from captioning.layout import images_dir, read_split
     from captioning.model import Captioner
     from captioning.params import ComputeParams, DataParams, ModelParams, TrainParams
     from captioning.predict import Decoding, caption_images
     from captioning.synthetic import write_dataset
     from captioning.text import Vocabulary
-    from captioning.training import fit, training_data
+    from captioning.training import Callbacks, fit, training_data
 
     cores = os.cpu_count() or 1
     write_dataset(work / "raw", dataclasses.replace(DataParams(), num_train=images, num_val=max(8, images // 20),
@@ -135,16 +135,17 @@ def run_seed_model(work: Path, device: str, images: int, epochs: int) -> dict:
         splits[name] = dataclasses.replace(raw, images_dir=images_dir(work / "resized", name))
     vocab = Vocabulary.build([c for cs in splits["train"].captions.values() for c in cs], 1)
     compute = ComputeParams(device=device, num_workers=max(1, cores - 1))
-    torch_device = accel.prepare(compute)
+    runtime = accel.runtime(compute)
+    torch_device = runtime.device
     torch.manual_seed(0)
     seed_model = ModelParams(backbone="resnet152", train_backbone=False, image_size=224, embed_size=256,
                              hidden_size=512)
     model = Captioner.build(seed_model, len(vocab))
     out = {}
     started = time.perf_counter()
-    cached = tuple(features.extract(model.encoder.backbone, [s.image_path(r) for r in s.images], image_size=224,
-                                    device=torch_device, views=1, hflip=False, seed=0, batch_size=256,
-                                    num_workers=compute.num_workers, bf16=compute.bf16, desc=f"features {name}")
+    cached = tuple(features.extract(model.encoder.backbone, [s.image_path(r) for r in s.images],
+                                    features.Views(224, 1, False), seed=0, batch_size=256, runtime=runtime,
+                                    desc=f"features {name}")
                    for name, s in (("train", splits["train"]), ("val", splits["val"])))
     _sync(torch_device)
     out["features_seconds"] = time.perf_counter() - started
@@ -153,7 +154,7 @@ def run_seed_model(work: Path, device: str, images: int, epochs: int) -> dict:
                          select_metric="val_loss")
     started = time.perf_counter()
     result = fit(model, training_data(vocab, splits["train"], splits["val"], 224, params, cached), params, seed=0,
-                 device=torch_device, callbacks=_Quiet(), compute=compute)
+                 runtime=runtime, callbacks=Callbacks())
     _sync(torch_device)
     out["train_seconds"], out["train_steps"] = time.perf_counter() - started, result.steps
     test = [splits["test"].image_path(r) for r in splits["test"].images]
@@ -165,12 +166,6 @@ def run_seed_model(work: Path, device: str, images: int, epochs: int) -> dict:
     _sync(torch_device)
     out["caption_seconds"], out["captioned"] = time.perf_counter() - started, len(test)
     return out
-
-
-class _Quiet:
-    def on_step(self, row): pass
-
-    def on_epoch(self, row): pass
 
 
 def machine(device: str) -> str:
@@ -199,7 +194,7 @@ def table(results: dict) -> str:
 def score(path: Path, data: Path, cpu_metrics: Path) -> dict:
     """COCO scores (and scene scores) of the server's test captions, beside this repo's CPU run."""
     from captioning import synthetic
-    from captioning.datasets import read_split
+    from captioning.layout import read_split
     from captioning.metrics import coco_scores
 
     results = json.loads(path.read_text())

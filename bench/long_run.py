@@ -39,13 +39,14 @@ from pathlib import Path
 import psutil
 import torch
 
+from captioning import accel
 from captioning.contention import QUIET_LOAD, busy_cpu_seconds, other_load, own_cpu_seconds
-from captioning.datasets import SPLITS, images_dir, read_split
 from captioning.images import resize_all
+from captioning.layout import SPLITS, images_dir, read_split
 from captioning.model import Captioner
 from captioning.params import ComputeParams, DataParams, load_params
-from captioning.text import Vocabulary
 from captioning.synthetic import write_dataset
+from captioning.text import Vocabulary
 from captioning.training import fit, training_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,8 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[long-run] data ready in {time.perf_counter() - started:.0f} s; training {args.epochs} epochs "
               f"of {len(train.images)} images", flush=True)
         data = training_data(vocab, train, val, model_params.image_size, train_params)
-        result = fit(model, data, train_params, seed=args.seed, device=torch.device("cpu"), callbacks=probe,
-                     compute=compute)
+        result = fit(model, data, train_params, seed=args.seed, runtime=accel.Runtime(torch.device("cpu"), compute),
+                     callbacks=probe)
     print(f"\n[long-run] {result.steps} steps in {result.seconds:.0f} s; total {time.perf_counter() - started:.0f} s")
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} CPUs; "
           f"model {model_params}; train {train_params}\n")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -75,17 +74,7 @@ def record(args: argparse.Namespace, name: str, scores: dict[str, float], galler
     Returns (the run, what the champion check said)."""
     run, trained_in = tracking.evaluation_run(args.params, file_digest(args.checkpoint, "md5"))
     with tracking.active(run):
-        mlflow.log_metrics({f"test_{k}": v for k, v in scores.items()})
-        contexts = (("train", "training"), ("val", "validation"), ("test", "testing"))
-        tracking.log_datasets({s: (str(Path(args.data) / s), c) for s, c in contexts
-                               if s == "test" or trained_in != run.info.run_id})  # train logged its own
-        with tempfile.TemporaryDirectory() as tmp:
-            # At the artifact root, where MLflow's compare view looks; this copy names its run.
-            about = {"run": f"{run.info.run_name} ({run.info.run_id})", "experiment": tracking.EXPERIMENT,
-                     "params": tracking.describe_changes(tracking.changed_params(args.params))}
-            (Path(tmp) / "gallery.html").write_text(gallery(about))
-            mlflow.log_artifact(str(Path(tmp) / "gallery.html"))
-        mlflow.log_artifact(args.captions)
+        tracking.log_evaluation(args.params, args.data, scores, gallery, args.captions, trained_in)
         logged = log_pyfunc(args.checkpoint, args.decoding, example, model_name(run.info.run_name))
         held = mlflow.get_run(run.info.run_id)
         inputs = [str(Path(args.data) / s) for s in ("train", "val", "test")] + [args.vocab, args.checkpoint]
@@ -93,9 +82,7 @@ def record(args: argparse.Namespace, name: str, scores: dict[str, float], galler
         version, verdict = registry.register_and_promote(MlflowClient(), name, logged.model_uri, tags, select_metric)
         tracking.log_stage_times({**lineage.stage_times(before="evaluate"),
                                   "evaluate": time.perf_counter() - started}, held.data.tags)
-        summary = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-        mlflow.set_tag("mlflow.note.content",
-                       f"{held.data.tags.get('mlflow.note.content', '')}\n\ntest: {summary}\n\n{verdict}")
+        tracking.add_note(held, f"test: {', '.join(f'{k} {v:.3f}' for k, v in scores.items())}\n\n{verdict}")
         tracking.write_run_info(args.run_info, run, train_run_id=trained_in, model_uri=f"models:/{name}/{version.version}",
                                 registered_model=name, model_version=version.version, logged_model_id=logged.model_id)
     return run, verdict

@@ -22,7 +22,9 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -393,6 +395,29 @@ def _copy_metrics(client: MlflowClient, source: str, target: str, keys) -> None:
         for point in client.get_metric_history(source, key):
             logger.buffer.append(Metric(key, point.value, point.timestamp, point.step))
     logger.flush(final=True)
+
+
+def log_evaluation(params_path: str | Path, data: str | Path, scores: dict[str, float],
+                   gallery: Callable[[dict], str], captions: str | Path, trained_in: str | None) -> None:
+    """The test scores as `test_*` metrics, the splits (all three unless `trained_in` is this run,
+    whose training logged train and val), the gallery (`gallery(about)` names the run and what
+    it changed) and the captions file, in the active run."""
+    run = mlflow.active_run()
+    mlflow.log_metrics({f"test_{k}": v for k, v in scores.items()})
+    contexts = (("train", "training"), ("val", "validation"), ("test", "testing"))
+    log_datasets({s: (str(Path(data) / s), c) for s, c in contexts if s == "test" or trained_in != run.info.run_id})
+    with tempfile.TemporaryDirectory() as tmp:
+        # At the artifact root, where MLflow's compare view looks; this copy names its run.
+        about = {"run": f"{run.info.run_name} ({run.info.run_id})", "experiment": EXPERIMENT,
+                 "params": describe_changes(changed_params(params_path))}
+        (Path(tmp) / "gallery.html").write_text(gallery(about))
+        mlflow.log_artifact(str(Path(tmp) / "gallery.html"))
+    mlflow.log_artifact(str(captions))
+
+
+def add_note(run: mlflow.entities.Run, text: str) -> None:
+    """Append `text` to the run's description (the note the MLflow UI shows on its page)."""
+    mlflow.set_tag("mlflow.note.content", f"{run.data.tags.get('mlflow.note.content', '')}\n\n{text}")
 
 
 def log_datasets(splits: dict[str, tuple[str, str]]) -> None:
