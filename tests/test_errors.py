@@ -91,6 +91,7 @@ def test_a_bad_value_names_the_key_and_what_is_allowed(tmp_path, stage, key, val
     _fails(_work(tmp_path, **{key: value}), stage, says)
 
 
+@pytest.mark.slow  # seconds of subprocesses: CI runs it, the edit-test loop does not
 def test_missing_wrong_or_misplaced_weights_name_the_file(tmp_path):
     work = _work(tmp_path, **{"model.pretrained": True, "model.weights_path": "inputs/model/resnet18.pth"})
     _fails(work, "weights", "model.weights_path: no file at inputs/model/resnet18.pth")
@@ -100,6 +101,7 @@ def test_missing_wrong_or_misplaced_weights_name_the_file(tmp_path):
     _fails(work, "weights", "model.weights_path:", "is outside inputs/model/")
 
 
+@pytest.mark.slow  # seconds of subprocesses: CI runs it, the edit-test loop does not
 def test_missing_inputs_of_a_stage_say_which_stage_makes_them(tmp_path):
     work = _work(tmp_path)
     _fails(work, "resize", "data/raw/train/captions.json: missing", "dvc repro download")
@@ -127,6 +129,7 @@ def test_bad_images_and_bad_annotations_name_the_file(tmp_path, tiny_data):
     _fails(work, "download", "inputs/data/captions.json: not valid JSON")
 
 
+@pytest.mark.slow  # seconds of subprocesses: CI runs it, the edit-test loop does not
 def test_missing_features_say_to_run_the_features_stage(tmp_path, tiny_data):
     work = _work(tmp_path, **{"model.image_size": 32})
     shutil.copytree(tiny_data, work / "data" / "resized")

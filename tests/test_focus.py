@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from captioning.checkpoint import save_checkpoint
 from captioning.layout import read_split
 from captioning.model import Captioner
@@ -18,6 +20,7 @@ def _focus(*args: str) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow  # seconds of subprocesses: CI runs it, the edit-test loop does not
 def test_focus_reads_an_attention_checkpoint_and_refuses_an_lstm_one(tiny_data, tmp_path):
     train = read_split(tiny_data, "train")
     vocab = Vocabulary.build([c for cs in train.captions.values() for c in cs], 1)

@@ -24,6 +24,7 @@ class _NoSpice:
         return "SPICE"
 
 
+@pytest.mark.slow  # seconds of subprocesses: CI runs it, the edit-test loop does not
 def test_scores_equal_the_official_coco_evaluation(tmp_path, monkeypatch):
     monkeypatch.setattr("pycocoevalcap.eval.Spice", _NoSpice)
     annotations = {"images": [{"id": i} for i in REFS], "annotations": [
@@ -57,6 +58,7 @@ def test_missing_references_are_an_error():
         quick_scores({1: ["a"]}, {2: "a"})
 
 
+@pytest.mark.slow  # seconds of subprocesses: CI runs it, the edit-test loop does not
 @pytest.mark.skipif(shutil.which("java") is None, reason="no system Java here to compare with")
 def test_the_packaged_java_scores_as_the_system_java_does():
     from captioning.metrics import _coco_scores

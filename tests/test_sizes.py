@@ -98,6 +98,7 @@ def _rank(rank: int, port: int, n: int, train: Split, val: Split, vocab: Vocabul
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # seconds of subprocesses: CI runs it, the edit-test loop does not
 @pytest.mark.parametrize("n", [1, 129])
 def test_two_gloo_processes_train_any_size_in_step(data_129, n):
     """1 image: repeated to 2 per process; 129: the last image joins the batch of 128, split 65/64.

@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, venv_env
 
 # A platform wheel, and a package published as source only (built here into a pure-Python wheel).
@@ -21,6 +23,7 @@ def _offline_env() -> dict[str, str]:
     return {**env, "PIP_CONFIG_FILE": os.devnull}
 
 
+@pytest.mark.slow  # seconds of subprocesses: CI runs it, the edit-test loop does not
 def test_a_bundle_installs_the_project_into_a_fresh_venv_without_an_index(tmp_path):
     (tmp_path / "requirements.txt").write_text(TINY)
     wheels = tmp_path / "wheels"
