@@ -36,18 +36,19 @@ def main(args: argparse.Namespace) -> None:
     resume = Path(args.resume_dir) / f"train-{key}.pt"
     splits = read_split(args.data, "train"), read_split(args.data, "val")
     scene_scores = synthetic.scorer(splits[1].captioned(), params.train.select_metric)
-    model, data = captioner_and_data(splits, args.backbone, args.features, vocab, params, scene_scores)
     if not runtime.world.is_main:
+        model, data = captioner_and_data(splits, args.backbone, args.features, vocab, params, scene_scores)
         fit(model, data, params.train, seed=params.seed, runtime=runtime, callbacks=Callbacks(), resume_path=resume)
         accel.leave_distributed()
         return
-    print(f"train: {sum(p.numel() for p in model.parameters()):,} parameters on {runtime.device}"
-          f"{f' x {runtime.world.size} processes' if runtime.world.size > 1 else ''}, from "
-          f"{'cached features' if data.cached else 'images'}", flush=True)
     record = resume.with_suffix(".run.json")  # the MLflow run of this training, for a resumed try
     run, logs = tracking.training_run(args.params, record, resuming=resume.is_file(), epochs=params.train.epochs)
-    with tracking.active(run):
+    with tracking.active(run):  # from here on: the run's system metrics cover reading the data too
         tracking.log_training_inputs(args.data, args.pretrain_curve)
+        model, data = captioner_and_data(splits, args.backbone, args.features, vocab, params, scene_scores)
+        print(f"train: {sum(p.numel() for p in model.parameters()):,} parameters on {runtime.device}"
+              f"{f' x {runtime.world.size} processes' if runtime.world.size > 1 else ''}, from "
+              f"{'cached features' if data.cached else 'images'}", flush=True)
         result = fit(model, data, params.train, seed=params.seed, runtime=runtime, callbacks=logs, resume_path=resume)
         accel.leave_distributed()
         save_checkpoint(args.checkpoint, model, vocab, params.to_dict(), state_dict=result.best_state)
