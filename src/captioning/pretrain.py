@@ -2,9 +2,10 @@
 
 Offline there are no ImageNet weights, and a Show-and-Tell model trained from scratch learns to
 see very slowly: the image reaches the LSTM only as its first input, so early on the decoder
-learns the language and ignores a CNN that has not learnt anything yet (docs/model.md). Teaching the CNN first to predict which words and word pairs
-("red", "red circle", "left of") occur in an image's captions, as in Fang et al. 2015 ("From
-captions to visual concepts and back"), breaks that deadlock. It needs no labels beyond the
+learns the language and ignores a CNN that has not learnt anything yet (docs/results.md, "Why a
+pretrain stage"). Teaching the CNN first to predict which words and word pairs ("red", "red
+circle", "left of") occur in an image's captions, as in Fang et al. 2015 ("From captions to
+visual concepts and back"), breaks that deadlock. It needs no labels beyond the
 captions, so it works the same on COCO; with ImageNet weights it fine-tunes them, or is skipped.
 """
 
@@ -102,7 +103,7 @@ def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], se
     step = TrainingStep(optimizer, lr_schedule(optimizer, settings.schedule, settings.lr,
                                                settings.epochs * steps_per_epoch), runtime)
     criterion = nn.BCEWithLogitsLoss()
-    started, curve = time.perf_counter(), []
+    started, curve, last = time.perf_counter(), [], math.nan
     for epoch in range(settings.epochs):
         sampler = EpochBatchSampler(len(paths), settings.batch_size, seed + 1, epoch)
         losses = []  # on the device: reading each one at once would sync with the GPU every step
@@ -112,6 +113,7 @@ def pretrain_backbone(backbone: nn.Module, split: Split, concepts: list[str], se
             losses.append(step(lambda: (criterion(backbone(images).float(), wanted),) * 2))
         curve += [{"step": len(curve) + i + 1, "epoch": epoch + 1, "loss": value}
                   for i, value in enumerate(torch.stack(losses).float().cpu().tolist())] if losses else []
-        log(f"pretrain epoch {epoch + 1}/{settings.epochs}: concept loss {curve[-1]['loss'] if curve else math.nan:.4f}")
-    return {"pretrain_loss": curve[-1]["loss"] if curve else math.nan, "pretrain_steps": len(curve),
+        last = curve[-1]["loss"] if curve else math.nan
+        log(f"pretrain epoch {epoch + 1}/{settings.epochs}: concept loss {last:.4f}")
+    return {"pretrain_loss": last, "pretrain_steps": len(curve),
             "pretrain_seconds": round(time.perf_counter() - started, 1), "concepts": len(concepts), "curve": curve}

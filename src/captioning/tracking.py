@@ -317,8 +317,8 @@ def _end(run: mlflow.ActiveRun, status: str) -> None:
         pass
 
 
-def training_run(params_path: str | Path, record: Path, resuming: bool, epochs: int) -> tuple[mlflow.ActiveRun,
-                                                                                           "TrainingLogs"]:
+def training_run(params_path: str | Path, record: Path, resuming: bool,
+                 epochs: int) -> tuple[mlflow.ActiveRun, TrainingLogs]:
     """The run train logs into, and its callbacks (which skip the steps and epochs it holds already).
 
     `record` (beside the resume state) names the run an earlier try of this same training started.
@@ -342,8 +342,7 @@ def training_run(params_path: str | Path, record: Path, resuming: bool, epochs: 
 def log_training_inputs(data: str | Path, pretrain_curve: str | Path) -> None:
     """What train reads, in its run: the train and val splits, the earlier stages' times and
     pretrain's loss curve (when pretrain ran)."""
-    log_datasets({split: (str(Path(data) / split), context) for split, context in (("train", "training"),
-                                                                                 ("val", "validation"))})
+    log_datasets({split: (str(Path(data) / split), CONTEXTS[split]) for split in ("train", "val")})
     log_stage_times(lineage.stage_times(before="train"))
     if Path(pretrain_curve).is_file():
         log_curve(mlflow.active_run().info.run_id, pretrain_curve, "pretrain_loss", "loss")
@@ -404,8 +403,8 @@ def log_evaluation(params_path: str | Path, data: str | Path, scores: dict[str, 
     it changed) and the captions file, in the active run."""
     run = mlflow.active_run()
     mlflow.log_metrics({f"test_{k}": v for k, v in scores.items()})
-    contexts = (("train", "training"), ("val", "validation"), ("test", "testing"))
-    log_datasets({s: (str(Path(data) / s), c) for s, c in contexts if s == "test" or trained_in != run.info.run_id})
+    log_datasets({split: (str(Path(data) / split), context) for split, context in CONTEXTS.items()
+                  if split == "test" or trained_in != run.info.run_id})
     with tempfile.TemporaryDirectory() as tmp:
         # At the artifact root, where MLflow's compare view looks; this copy names its run.
         about = {"run": f"{run.info.run_name} ({run.info.run_id})", "experiment": EXPERIMENT,
@@ -418,6 +417,10 @@ def log_evaluation(params_path: str | Path, data: str | Path, scores: dict[str, 
 def add_note(run: mlflow.entities.Run, text: str) -> None:
     """Append `text` to the run's description (the note the MLflow UI shows on its page)."""
     mlflow.set_tag("mlflow.note.content", f"{run.data.tags.get('mlflow.note.content', '')}\n\n{text}")
+
+
+# MLflow's dataset context of each split, as its UI shows them.
+CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 
 
 def log_datasets(splits: dict[str, tuple[str, str]]) -> None:

@@ -3,8 +3,8 @@ validation on generated captions each epoch, best-epoch selection, early stoppin
 
 Read top to bottom: `fit` is the driver; `train_one_epoch` (given the epoch's loader) and
 `validate` do the work; the `ResumeState` dataclass is everything a resumed run needs beside
-weights and optimizer, and `ResumeFile` its only reader and writer. DistributedDataParallel and torch.compile are applied in
-`fit` alone; `train_one_epoch` only sees the wrapped network.
+weights and optimizer, and `ResumeFile` its only reader and writer. DistributedDataParallel and
+torch.compile are applied in `fit` alone; `train_one_epoch` only sees the wrapped network.
 
 Exact resume works because nothing here draws from a global RNG: batch order is a function of
 (seed, epoch) and each item's augmentation a function of its own seed (see `data.py`). Restoring
