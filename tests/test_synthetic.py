@@ -1,7 +1,9 @@
 import dataclasses
 import hashlib
 import json
+from collections import Counter
 
+import numpy as np
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
@@ -89,9 +91,11 @@ def test_scene_json_is_kept(tiny_data):
 
 
 def test_grounded_score_counts_exact_object_sets():
-    records = [{"id": 1, "scene": {"objects": [{"colour": "red", "shape": "circle", "x": 0.2, "y": 0.5},
-                                               {"colour": "blue", "shape": "square", "x": 0.7, "y": 0.4}]}},
-               {"id": 2, "scene": {"objects": [{"colour": "green", "shape": "triangle", "x": 0.5, "y": 0.5}]}}]
+    records = [{"id": 1, "scene": {"background": "gray", "objects": [
+                   {"colour": "red", "shape": "circle", "size": "small", "x": 0.2, "y": 0.5},
+                   {"colour": "blue", "shape": "square", "size": "large", "x": 0.7, "y": 0.4}]}},
+               {"id": 2, "scene": {"background": "dark", "objects": [
+                   {"colour": "green", "shape": "triangle", "size": "small", "x": 0.5, "y": 0.5}]}}]
     assert synthetic.scene_scores(records, {1: "a blue box right of a red disk", 2: "a green triangle"})["grounded"] == 1.0
     assert synthetic.scene_scores(records, {1: "a red circle", 2: "a green triangle"})["grounded"] == 0.5
     assert synthetic.verdict("a red circle", records[0]["scene"]) == (False, "wrong objects")
@@ -130,11 +134,13 @@ def test_generic_modules_do_not_import_the_synthetic_dataset():
 
 
 # A scene of two red circles side by side and a blue square below them, drawn by the grammar's rules.
-TWO_RED_AND_A_BLUE = {"objects": [
-    {"colour": "red", "shape": "circle", "x": 0.2, "y": 0.3}, {"colour": "red", "shape": "circle", "x": 0.5, "y": 0.3},
-    {"colour": "blue", "shape": "square", "x": 0.5, "y": 0.8}]}
-RED_LEFT_OF_GREEN = {"objects": [
-    {"colour": "red", "shape": "circle", "x": 0.2, "y": 0.5}, {"colour": "green", "shape": "triangle", "x": 0.8, "y": 0.55}]}
+TWO_RED_AND_A_BLUE = {"background": "gray", "objects": [
+    {"colour": "red", "shape": "circle", "size": "small", "x": 0.2, "y": 0.3},
+    {"colour": "red", "shape": "circle", "size": "large", "x": 0.5, "y": 0.3},
+    {"colour": "blue", "shape": "square", "size": "large", "x": 0.5, "y": 0.8}]}
+RED_LEFT_OF_GREEN = {"background": "gray", "objects": [
+    {"colour": "red", "shape": "circle", "size": "small", "x": 0.2, "y": 0.5},
+    {"colour": "green", "shape": "triangle", "size": "large", "x": 0.8, "y": 0.55}]}
 
 
 @pytest.mark.parametrize("caption, strict, grounded", [
@@ -182,3 +188,83 @@ def test_scene_scores_report_strict_beside_grounded():
     scores = synthetic.scene_scores(records, {1: "a red circle and a blue square",
                                               2: "a red circle left of a green triangle"})
     assert scores == {"grounded": 1.0, "strict": 0.5}
+
+
+def test_every_caption_the_grammar_writes_passes_both_scores():
+    # 2,700 scenes, 13,500 captions (no images drawn): sizes and backgrounds stated on real scenes.
+    stated = {"size": 0, "background": 0}
+    for seed in (0, 1, 42):
+        for split in SPLITS:
+            for index in range(300):
+                rng = synthetic.split_seed(seed, split, index)
+                scene = synthetic.make_scene(rng, 300, 640)
+                for caption in synthetic.make_captions(scene, rng, 5):
+                    assert synthetic.names_scene_strictly(caption, scene), (caption, scene)
+                    assert synthetic.names_scene(caption, scene), (caption, scene)
+                    mentions, _, _, backgrounds = synthetic.parse_caption(caption)
+                    stated["size"] += any(m.sizes for m in mentions)
+                    stated["background"] += bool(backgrounds)
+    assert min(stated.values()) > 2000, stated  # both checks were exercised, not skipped
+
+
+def _generated_scene(fits):
+    """The first train scene of seed 0 that `fits` (a real scene, drawn as the dataset draws it)."""
+    for index in range(1000):
+        scene = synthetic.make_scene(synthetic.split_seed(0, "train", index), 300, 640)
+        if fits(scene):
+            return scene
+    raise AssertionError("no such scene in 1,000")
+
+
+def test_strict_checks_the_size_and_background_a_caption_states():
+    scene = _generated_scene(lambda s: len(s["objects"]) == 1)
+    obj, background = scene["objects"][0], scene["background"]
+    other_size = next(size for size in synthetic.SIZE_WORDS if size != obj["size"])
+    other_background = next(b for b in synthetic.BACKGROUNDS if b != background)
+    noun = f"{obj['colour']} {obj['shape']}"
+    for word in synthetic.SIZE_WORDS[obj["size"]]:
+        assert synthetic.names_scene_strictly(f"a {word} {noun}", scene)
+    for word in synthetic.SIZE_WORDS[other_size]:
+        assert not synthetic.names_scene_strictly(f"a {word} {noun}", scene)
+        assert synthetic.names_scene(f"a {word} {noun}", scene)  # the grounded score reads no sizes
+    assert not synthetic.names_scene_strictly(f"a small big {noun}", scene)  # no object is both
+    assert synthetic.names_scene_strictly(f"a {noun}", scene)  # no size and no background said
+    assert synthetic.names_scene_strictly(f"a {noun} on a {background} background", scene)
+    assert not synthetic.names_scene_strictly(f"a {noun} on a {other_background} background", scene)
+    assert not synthetic.names_scene_strictly(f"a {noun} on a grey background", scene)  # no scene's word
+    assert synthetic.names_scene(f"a {noun} on a {other_background} background", scene)
+
+
+def _alike_but_for_size(scene):
+    """Three objects of one colour and shape, two of one size and one of the other."""
+    objects = scene["objects"]
+    return (len(objects) == 3 and len({(o["colour"], o["shape"]) for o in objects}) == 1
+            and len({o["size"] for o in objects}) == 2)
+
+
+def test_strict_sizes_hold_over_the_whole_caption():
+    # Phrases that say the same size claim their objects together, whatever count each says.
+    scene = _generated_scene(_alike_but_for_size)
+    sizes = Counter(o["size"] for o in scene["objects"])
+    (most, _), (one, _) = sizes.most_common()
+    noun = f"{scene['objects'][0]['colour']} {scene['objects'][0]['shape']}"
+    assert synthetic.names_scene_strictly(f"three {noun}s", scene)
+    assert synthetic.names_scene_strictly(f"two {most} {noun}s and a {one} {noun}", scene)
+    assert synthetic.names_scene_strictly(f"a {most} {noun}, a {one} {noun} and a {noun}", scene)
+    assert not synthetic.names_scene_strictly(f"two {most} {noun}s and a {most} {noun}", scene)
+    assert not synthetic.names_scene_strictly(f"a {one} {noun}, a {one} {noun} and a {most} {noun}", scene)
+    assert not synthetic.names_scene_strictly(f"three {most} {noun}s", scene)
+
+
+def test_test_split_draws_from_a_stream_no_choice_has_seen():
+    # Train and val (with the dev images past num_val) keep their streams bit for bit; test's
+    # images are new, none of them the old stream's (2).
+    for index in (0, 1, 199, 200, 700, 1199):
+        for split, stream in (("train", 0), ("val", 1)):
+            assert (synthetic.split_seed(42, split, index).bit_generator.state
+                    == np.random.default_rng([42, stream, index]).bit_generator.state)
+    for seed in (0, 42):
+        for index in range(50):
+            new = synthetic.make_scene(synthetic.split_seed(seed, "test", index), 300, 640)
+            assert new != synthetic.make_scene(np.random.default_rng([seed, 2, index]), 300, 640)
+            assert new not in (synthetic.make_scene(np.random.default_rng([seed, s, index]), 300, 640) for s in (0, 1))
