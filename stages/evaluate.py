@@ -58,8 +58,9 @@ def main(args: argparse.Namespace) -> None:
              for r in records[: settings.gallery_size]]
     title = f"Test captions ({decoding.describe()})"
     write_text_atomic(args.gallery, gallery_html(items, title, scores))
+    selected_by = (trained_with.get("scst") or trained_with["train"])["select_metric"]  # what kept its epoch
     run, verdict = record(args, settings.registered_model, scores, lambda about: gallery_html(items, title, scores, about),
-                          split.image_path(records[0]), trained_with["train"]["select_metric"], started)
+                          split.image_path(records[0]), selected_by, started)
     print("evaluate: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
           + f" on {len(records)} test images ({decoding.describe()}) -> {args.metrics}; MLflow run "
           f"{run.info.run_name}, in `mlflow ui` at /#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
@@ -78,7 +79,7 @@ def record(args: argparse.Namespace, name: str, scores: dict[str, float], galler
         logged = log_pyfunc(args.checkpoint, args.decoding, example, model_name(run.info.run_name))
         held = mlflow.get_run(run.info.run_id)
         inputs = [str(Path(args.data) / s) for s in ("train", "val", "test")] + [args.vocab, args.checkpoint]
-        tags = registry.version_tags(json.loads(Path(args.train_metrics).read_text()), held, inputs)
+        tags = registry.version_tags(json.loads(Path(args.val_metrics).read_text()), held, inputs)
         version, verdict = registry.register_and_promote(MlflowClient(), name, logged.model_uri, tags, select_metric)
         tracking.log_stage_times({**lineage.stage_times(before="evaluate"),
                                   "evaluate": time.perf_counter() - started}, held.data.tags)
@@ -94,8 +95,8 @@ if __name__ == "__main__":
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--vocab", required=True, help="the pipeline's vocabulary; must match the checkpoint's")
     parser.add_argument("--data", required=True, help="dataset folder (captions and images)")
-    parser.add_argument("--train-metrics", required=True,
-                        help="train's validation scores of the kept epoch (the registry compares versions on them)")
+    parser.add_argument("--val-metrics", required=True,
+                        help="the checkpoint's validation scores (the registry compares versions on them)")
     parser.add_argument("--metrics", required=True, help="metrics JSON to write")
     parser.add_argument("--decoding", required=True, help="decoding JSON to write (for caption and the MLflow model)")
     parser.add_argument("--captions", required=True, help="COCO results JSON to write")

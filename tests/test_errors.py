@@ -34,10 +34,13 @@ STAGES = {  # each stage's command line, as in dvc.yaml, over a work folder
     "features": ["--data", "data/resized", "--backbone", "models/backbone.pt", "--out", "data/features"],
     "train": ["--data", "data/resized", "--vocab", "data/vocab.json", "--backbone", "models/backbone.pt",
               "--features", "data/features", "--pretrain-curve", "plots/pretrain/loss.csv", "--checkpoint",
-              "models/checkpoint.pt", "--metrics", "metrics/train.json", "--plots", "plots/train",
+              "models/ce.pt", "--metrics", "metrics/train.json", "--plots", "plots/train",
               "--resume-dir", "tmp/resume"],
+    "scst": ["--data", "data/resized", "--features", "data/features", "--ce-checkpoint", "models/ce.pt",
+             "--train-metrics", "metrics/train.json", "--checkpoint", "models/checkpoint.pt", "--metrics",
+             "metrics/scst.json", "--plots", "plots/scst", "--resume-dir", "tmp/resume"],
     "evaluate": ["--checkpoint", "models/checkpoint.pt", "--vocab", "data/vocab.json", "--data", "data/resized",
-                 "--train-metrics", "metrics/train.json", "--metrics", "metrics/evaluate.json", "--decoding",
+                 "--val-metrics", "metrics/scst.json", "--metrics", "metrics/evaluate.json", "--decoding",
                  "models/decoding.json", "--captions", "reports/test_captions.json", "--gallery",
                  "reports/gallery.html", "--run-info", "reports/mlflow_run.json"],
 }
@@ -109,7 +112,9 @@ def test_missing_inputs_of_a_stage_say_which_stage_makes_them(tmp_path):
     _fails(work, "pretrain", "models/imagenet.json: missing", "dvc repro weights")
     _fails(work, "evaluate", "data/vocab.json: missing", "dvc repro vocab")
     Vocabulary.build(["a red circle"], 1).save(work / "data" / "vocab.json")
-    _fails(work, "evaluate", "models/checkpoint.pt", "train stage")
+    _fails(work, "evaluate", "models/checkpoint.pt: no checkpoint", "dvc repro")
+    _fails(work, "scst", "models/ce.pt: no checkpoint", "dvc repro train")
+    _fails(_work(tmp_path, **{"scst.epochs": 1}), "scst", "models/ce.pt: no checkpoint", "dvc repro train")
 
 
 def test_bad_images_and_bad_annotations_name_the_file(tmp_path, tiny_data):

@@ -18,6 +18,8 @@ from captioning.text import Vocabulary
 # 2: the config always names model.grid_layer. Format 1 predates it: its attention decoders
 # attended over layer4, which loading fills in.
 FORMAT = 2
+# The stage that writes each of the pipeline's checkpoints (dvc.yaml), for the error that misses one.
+STAGE = {"ce.pt": "train", "checkpoint.pt": "scst"}
 
 
 class CheckpointError(UserError, ValueError):
@@ -47,7 +49,7 @@ def load_checkpoint(path: str | Path, map_location="cpu", expect_vocab: Vocabula
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no checkpoint; run the train stage first (dvc repro train)")
+        raise CheckpointError(f"{path}: no checkpoint; the pipeline writes it: dvc repro {STAGE.get(path.name, '')}".rstrip())
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, FORMAT):
         raise CheckpointError(f"{path}: not a captioning checkpoint of format 1 or {FORMAT}")

@@ -103,35 +103,42 @@ class CaptionSearch(nn.Module):
         return torch.stack(ids, 1)
 
     def sample(self, features: torch.Tensor, start_id: int, end_id: int, samples: int,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               generator: torch.Generator | None = None,
+               length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`samples` captions drawn from the model for each of B images, with gradients: (ids,
-        log-probabilities, mask), each (B * samples, L), image by image. Step 0 is <start>, given;
-        the ids are the words after it. The mask holds each caption's words up to and including its
-        first <end>, so that ending a caption is rewarded (or punished) like any word."""
+        log-probabilities, mask), each (B * samples, L <= `length`, by default max_seq_len - 1),
+        image by image. Step 0 is <start>, given; the ids are the words after it. The mask holds
+        each caption's words up to and including its first <end>, so that ending a caption is
+        rewarded (or punished) like any word."""
         return self.rollout(features.repeat_interleave(samples, 0), start_id, end_id,
-                            lambda logits, _: torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0])
+                            lambda logits, _: torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0],
+                            length or self.max_seq_len - 1)
 
     def log_probs(self, features: torch.Tensor, start_id: int, end_id: int,
                   ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The log-probabilities and mask of given captions `ids` (N, L) of N images, as `sample` gives them."""
-        _, log_probs, mask = self.rollout(features, start_id, end_id, lambda _, t: ids[:, t], ids.size(1))
+        _, log_probs, mask = self.rollout(features, start_id, end_id, lambda _, t: ids[:, t], ids.size(1),
+                                          stop_early=False)
         return log_probs, mask
 
-    def rollout(self, features: torch.Tensor, start_id: int, end_id: int, choose, length: int | None = None):
-        """Decode N captions after <start>, each next word `choose(logits, t)`: (ids, their
-        log-probabilities, mask), each (N, length), stopping early once every caption has ended."""
+    def rollout(self, features: torch.Tensor, start_id: int, end_id: int, choose, length: int,
+                stop_early: bool = True):
+        """Decode N captions of at most `length` words after <start>, each next word
+        `choose(logits, t)`: (ids, their log-probabilities, mask), each (N, length), or shorter
+        once every caption has ended (`stop_early`). Probabilities are float32, under autocast too."""
         _, state = self.step(self.start(features), None)
         tokens = torch.full((features.size(0),), start_id, dtype=torch.long, device=features.device)
         ids, log_probs, mask = [], [], []
         alive = torch.ones_like(tokens, dtype=torch.bool)
-        for t in range(length or self.max_seq_len - 1):
+        for t in range(length):
             logits, state = self.step(state, tokens)
+            logits = logits.float()
             tokens = choose(logits, t)
             ids.append(tokens)
             log_probs.append(logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0])
             mask.append(alive)
             alive = alive & (tokens != end_id)
-            if length is None and not bool(alive.any()):
+            if stop_early and not bool(alive.any()):
                 break
         return torch.stack(ids, 1), torch.stack(log_probs, 1), torch.stack(mask, 1)
 

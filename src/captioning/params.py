@@ -33,6 +33,7 @@ GRID_LAYERS = ("layer3", "layer4")  # the ResNet stages whose feature map the at
 # "last" keeps the last epoch, as the seed does (it has no validation).
 SELECT_METRICS = ("cider", "bleu_4", "grounded", "strict", "val_loss", "last")
 LR_SCHEDULES = ("onecycle", "constant")
+BASELINES = ("greedy", "mean")  # self-critical training's baselines (captioning.scst)
 CPU_ISAS = ("avx2", "native")
 # What the pipeline does with an image it cannot use: stop naming it, or skip it and report it.
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -48,7 +49,7 @@ class DataParams:
     # synthetic: images per split (other sources ignore these and take their own split sizes)
     num_train: int = 12000
     num_val: int = 200
-    num_test: int = 300
+    num_test: int = 2000
     min_side: int = 300  # pixels, shortest allowed side of a generated image (COCO-like)
     max_side: int = 640
     captions_per_image: int = 5
@@ -179,6 +180,7 @@ class FeaturesParams:
 
 @dataclass(frozen=True)
 class TrainParams:
+    section: typing.ClassVar[str] = "train"
     epochs: int = 23
     batch_size: int = 128  # captions per step, as in the seed
     captions_per_image: int = 1  # captions drawn per image per epoch; 0 = all (CNN once per image)
@@ -212,6 +214,41 @@ class TrainParams:
         _at_least("train.checkpoint_every", self.checkpoint_every, 1)
         _at_least("train.processes", self.processes, 1)
         _at_least("train.nodes", self.nodes, 1)
+
+
+@dataclass(frozen=True)
+class ScstParams:
+    """Self-critical fine-tuning of the cross-entropy checkpoint (captioning.scst)."""
+
+    section: typing.ClassVar[str] = "scst"
+
+    epochs: int = 0  # 0: the cross-entropy checkpoint goes to evaluate unchanged
+    batch_size: int = 128  # images per step, each with `samples` sampled captions
+    samples: int = 5  # captions sampled per image per step
+    baseline: str = "mean"  # greedy: the greedy caption's reward | mean: the other samples' mean reward
+    max_length: int = 16  # words sampled at most, <end> included
+    lr: float = 5e-5
+    schedule: str = "constant"  # as train.schedule
+    select_metric: str = "cider"  # as train.select_metric; epoch 0 (the cross-entropy model) competes too
+    patience: int = 0  # as train.patience
+    log_every: int = 10  # steps between reward/baseline/advantage logs
+    checkpoint_every: int = 200  # steps between resume checkpoints
+
+    def check(self) -> None:
+        _at_least("scst.epochs", self.epochs, 0)
+        _at_least("scst.batch_size", self.batch_size, 1)
+        _at_least("scst.samples", self.samples, 1)
+        _one_of("scst.baseline", self.baseline, BASELINES)
+        if self.baseline == "mean" and self.samples < 2:
+            raise ParamsError(f"scst.samples is {self.samples}, but scst.baseline mean compares each sample with "
+                              "the image's other samples: set scst.samples: 2 or more, or scst.baseline: greedy")
+        _at_least("scst.max_length", self.max_length, 1)
+        _positive("scst.lr", self.lr)
+        _one_of("scst.schedule", self.schedule, LR_SCHEDULES)
+        _one_of("scst.select_metric", self.select_metric, SELECT_METRICS)
+        _at_least("scst.patience", self.patience, 0)
+        _at_least("scst.log_every", self.log_every, 1)
+        _at_least("scst.checkpoint_every", self.checkpoint_every, 1)
 
 
 @dataclass(frozen=True)
@@ -265,6 +302,7 @@ class Params:
     pretrain: PretrainParams = PretrainParams()
     features: FeaturesParams = FeaturesParams()
     train: TrainParams = TrainParams()
+    scst: ScstParams = ScstParams()
     evaluate: EvaluateParams = EvaluateParams()
     compute: ComputeParams = ComputeParams()
 

@@ -48,6 +48,7 @@ EXPERIMENT = "captioning"
 PIPELINE_RUN = "captioning.pipeline_run"  # tag: the pipeline run (lineage.pipeline_run) that made the run
 CHECKPOINT_MD5 = "captioning.checkpoint_md5"  # tag: the md5 of the checkpoint the run trained or evaluated
 TRAIN_RUN = "captioning.train_run_id"  # tag of an evaluate-only run: the run that trained its checkpoint
+SCST_MD5 = "captioning.scst_checkpoint_md5"  # tag: the md5 of the checkpoint the run's self-critical training wrote
 ARTIFACTS = "storing the run's artifacts"
 _FLUSH_EVERY = 200  # buffered metric points per log_batch call (one SQLite transaction each)
 # Run-level curves that describe what a pipeline run did itself: an evaluate-only run does not copy them.
@@ -358,34 +359,71 @@ def _saved_run(client: MlflowClient, record: Path):
 def evaluation_run(params_path: str | Path, checkpoint_md5: str) -> tuple[mlflow.ActiveRun, str | None]:
     """The run evaluate logs into, and the id of the run that trained the checkpoint.
 
-    Train's own run when this pipeline run trained the checkpoint. Otherwise (train was cached,
-    or its run is in another store) a new run, tagged `captioning.train_run_id`, that starts with
-    a copy of the training curves and validation metrics: one run holds the whole experiment, and
-    no earlier run's params or metrics ever change.
+    The run of this pipeline run that trained the checkpoint (train's, or scst's where
+    self-critical training wrote it), else a run of its own linked to the run that did (`_linked_run`).
     """
     client = MlflowClient()
-    found = client.search_runs([experiment_id()], filter_string=f"tags.`{CHECKPOINT_MD5}` = '{checkpoint_md5}'",
-                               order_by=["attributes.start_time DESC"], max_results=50)
-    trained = next((r for r in found if r.data.tags.get("stage") == "train"), None)
-    here = lineage.pipeline_run()
-    own = next((r for r in found if r.data.tags.get(PIPELINE_RUN) == here and r.data.tags.get("stage") == "train"),
-               None)
+    found = _runs_tagged(client, SCST_MD5, checkpoint_md5) or _runs_tagged(client, CHECKPOINT_MD5, checkpoint_md5)
+    own, trained = _made_by(found, ("train", "scst"))
     if own is not None:
         return mlflow.start_run(run_id=own.info.run_id), own.info.run_id
-    if trained is not None:
-        note = (f". Evaluate only: the checkpoint was trained in run {trained.info.run_name} "
-                f"({trained.info.run_id}); its curves are copied here.")
-        link = {TRAIN_RUN: trained.info.run_id, "captioning.train_run_name": trained.info.run_name}
+    run = _linked_run(client, params_path, "evaluate", trained, {CHECKPOINT_MD5: checkpoint_md5})
+    return run, trained.info.run_id if trained is not None else None
+
+
+def scst_run(params_path: str | Path, ce_md5: str, record: Path, resuming: bool,
+             epochs: int) -> tuple[mlflow.ActiveRun, ScstLogs]:
+    """The run self-critical training logs into, and its callbacks: the run that trained the
+    cross-entropy checkpoint (md5 `ce_md5`) when this pipeline run did, else a run of its own
+    linked to it. As in `training_run`, a resumed try continues the run `record` names."""
+    client = MlflowClient()
+    earlier = _saved_run(client, record) if resuming else None
+    if earlier is not None:
+        run = mlflow.start_run(run_id=earlier.info.run_id, log_system_metrics=True)
+        mlflow.set_tags({PIPELINE_RUN: lineage.pipeline_run(), "captioning.resumed": "yes"})
+        last = {key: max((m.step for m in client.get_metric_history(run.info.run_id, key)), default=-1)
+                for key in ("scst_loss", "scst_val_loss")}
+        return run, ScstLogs(run.info.run_id, epochs, last["scst_loss"], last["scst_val_loss"])
+    own, trained = _made_by(_runs_tagged(client, CHECKPOINT_MD5, ce_md5), ("train",))
+    if own is not None:
+        run = mlflow.start_run(run_id=own.info.run_id, log_system_metrics=True)
     else:
-        note = f". Evaluate only: the run that trained the checkpoint is not in {store_label()}."
-        link = {}
-    run = start_pipeline_run(params_path, "evaluate", tags={**link, CHECKPOINT_MD5: checkpoint_md5}, note=note)
+        run = _linked_run(client, params_path, "scst", trained, {}, system_metrics=True)
+    write_json_atomic(record, {"run_id": run.info.run_id})
+    return run, ScstLogs(run.info.run_id, epochs)
+
+
+def _runs_tagged(client: MlflowClient, tag: str, md5: str) -> list:
+    return client.search_runs([experiment_id()], filter_string=f"tags.`{tag}` = '{md5}'",
+                              order_by=["attributes.start_time DESC"], max_results=50)
+
+
+def _made_by(found: list, stages: tuple[str, ...]):
+    """(the run of this pipeline run among `found` whose stage is one of `stages`, the newest such run)."""
+    made = [r for r in found if r.data.tags.get("stage") in stages]
+    here = lineage.pipeline_run()
+    return next((r for r in made if r.data.tags.get(PIPELINE_RUN) == here), None), next(iter(made), None)
+
+
+def _linked_run(client: MlflowClient, params_path: str | Path, stage: str, trained, tags: dict[str, str],
+                system_metrics: bool = False) -> mlflow.ActiveRun:
+    """A new run for `stage`, whose checkpoint was trained in an earlier run (`trained`, None when
+    the store lacks it): tagged `captioning.train_run_id`, it starts with a copy of that run's
+    curves and validation metrics, so one run holds the whole experiment and no earlier run's
+    params or metrics ever change."""
+    if trained is not None:
+        note = (f". {stage.capitalize()} only: the checkpoint was trained in run {trained.info.run_name} "
+                f"({trained.info.run_id}); its curves are copied here.")
+        tags = {**tags, TRAIN_RUN: trained.info.run_id, "captioning.train_run_name": trained.info.run_name}
+    else:
+        note = f". {stage.capitalize()} only: the run that trained the checkpoint is not in {store_label()}."
+    run = start_pipeline_run(params_path, stage, tags=tags, note=note, system_metrics=system_metrics)
     if trained is not None:
         # The training run's own test scores are of its own evaluation, not this one; its system
         # metrics and stage times are of its own pipeline run.
         _copy_metrics(client, trained.info.run_id, run.info.run_id,
                       [k for k in trained.data.metrics if not k.startswith(("test_", *_OWN_METRICS))])
-    return run, trained.info.run_id if trained is not None else None
+    return run
 
 
 def _copy_metrics(client: MlflowClient, source: str, target: str, keys) -> None:
@@ -521,6 +559,8 @@ class TrainingLogs:
     earlier try trained but never sent, so the run holds every point once.
     """
 
+    STEP, EPOCH, TAG = "train_", "", CHECKPOINT_MD5  # step metrics' prefix, epoch metrics' prefix, checkpoint tag
+
     def __init__(self, run_id: str, epochs: int, logged_step: int = 0, logged_epoch: int = 0):
         self.mlflow, self.epochs = MetricLogger(run_id), epochs
         self.logged_step, self.logged_epoch = logged_step, logged_epoch
@@ -533,7 +573,7 @@ class TrainingLogs:
 
     def on_epoch(self, row: dict) -> None:
         scores = _scores(row)
-        print(f"epoch {row['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+        print(f"{self.EPOCH}epoch {row['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
         self._epoch(row)
         self.mlflow.flush()
 
@@ -555,18 +595,36 @@ class TrainingLogs:
                                 "store answers, and it logs the run without training again") from None
         # Wall time goes to MLflow only: in the DVC metrics file it would differ run to run.
         # The checkpoint is logged once, inside the model evaluate logs with its decoding.
-        mlflow.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.seconds})
-        mlflow.set_tag(CHECKPOINT_MD5, file_digest(checkpoint, "md5"))
+        mlflow.log_metrics({f"{self.EPOCH}best_epoch": result.best_epoch, f"{self.STEP}seconds": result.seconds})
+        mlflow.set_tag(self.TAG, file_digest(checkpoint, "md5"))
 
     def _step(self, row: dict) -> None:
         if row["step"] > self.logged_step and row["step"] not in self.sent_steps:
             self.sent_steps.add(row["step"])
-            self.mlflow.log({"train_loss": row["loss"], "train_perplexity": row["perplexity"]}, row["step"])
+            self.mlflow.log({self.STEP + k: v for k, v in row.items() if k not in _POSITION}, row["step"])
 
     def _epoch(self, row: dict) -> None:
         if row["epoch"] > self.logged_epoch and row["epoch"] not in self.sent_epochs:
             self.sent_epochs.add(row["epoch"])
-            self.mlflow.log({val_key(k): v for k, v in _scores(row).items()}, row["epoch"])
+            self.mlflow.log({self.EPOCH + val_key(k): v for k, v in _scores(row).items()}, row["epoch"])
+
+
+class ScstLogs(TrainingLogs):
+    """`TrainingLogs` of self-critical training: steps as scst_loss, scst_reward, scst_baseline,
+    scst_advantage (and its sd); epochs as scst_val_*, from epoch 0, the cross-entropy model."""
+
+    STEP, EPOCH, TAG = "scst_", "scst_", SCST_MD5
+
+    def __init__(self, run_id: str, epochs: int, logged_step: int = 0, logged_epoch: int = -1):
+        super().__init__(run_id, epochs, logged_step, logged_epoch)
+
+    def on_step(self, row: dict) -> None:
+        print(f"scst epoch [{row['epoch']}/{self.epochs}], step [{row['batch']}/{row['batches']}]: "
+              + ", ".join(f"{k} {row[k]:.4f}" for k in row if k not in _POSITION), flush=True)
+        self._step(row)
+
+
+_POSITION = ("step", "epoch", "batch", "batches")  # where a step row is, beside what it measured
 
 
 def _scores(row: dict) -> dict:

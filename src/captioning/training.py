@@ -4,7 +4,8 @@ validation on generated captions each epoch, best-epoch selection, early stoppin
 Read top to bottom: `fit` is the driver; `train_one_epoch` (given the epoch's loader) and
 `validate` do the work; the `ResumeState` dataclass is everything a resumed run needs beside
 weights and optimizer, and `ResumeFile` its only reader and writer. DistributedDataParallel and
-torch.compile are applied in `fit` alone; `train_one_epoch` only sees the wrapped network.
+torch.compile are applied in `fit` alone; `train_one_epoch` only sees the wrapped network. What a
+batch is trained on is an `Objective`: `CrossEntropy` here, self-critical training in `scst`.
 
 Exact resume works because nothing here draws from a global RNG: batch order is a function of
 (seed, epoch) and each item's augmentation a function of its own seed (see `data.py`). Restoring
@@ -39,12 +40,51 @@ from captioning.layout import Split
 from captioning.metrics import quick_scores
 from captioning.model import Captioner
 from captioning.optim import TrainingStep, adam, lr_schedule
-from captioning.params import Params, ParamsError, TrainParams
+from captioning.params import Params, ParamsError, ScstParams, TrainParams
 from captioning.text import Vocabulary
 
 # Scores that need more than the captions (the synthetic data's scenes): (records, id -> caption)
 # -> {name: score}. The train stage plugs one in where the records allow it.
 SceneScores = Callable[[list[dict], dict[int, str]], dict[str, float]]
+
+
+class Objective:
+    """What a step minimises on one batch of the loader. `module(model)` is what DDP wraps and
+    `__call__` runs: `(net, batch) -> (the loss to log, the objective)`, called under autocast;
+    `row(loss)` is what a logged step adds to its row beside the loss."""
+
+    def module(self, model: Captioner) -> nn.Module:
+        return model
+
+    def __call__(self, net: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def row(self, loss: float) -> dict[str, float]:
+        return {}
+
+
+class CrossEntropy(Objective):
+    """The seed's objective: teacher-forced cross-entropy of a batch's captions (plus, for the
+    attention decoder, `attention_reg` times its regulariser). `cached`: the inputs are the
+    backbone's cached output, not images."""
+
+    def __init__(self, runtime: Runtime, cached: bool, attention_reg: float):
+        self.runtime, self.cached, self.attention_reg = runtime, cached, attention_reg
+        self.criterion = nn.CrossEntropyLoss()
+
+    def __call__(self, net: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, captions, lengths, image_index = batch
+        device = self.runtime.device
+        inputs = inputs.to(device, non_blocking=True)
+        inputs = inputs if self.cached else self.runtime.channels_last(inputs)
+        captions = captions.to(device, non_blocking=True)
+        targets = pack_padded_sequence(captions, lengths, batch_first=True).data
+        logits, penalty = net(inputs, captions, lengths, image_index.to(device), cached=self.cached)
+        loss = self.criterion(logits.float(), targets)  # logged: comparable with val_loss and across decoders
+        return loss, (loss if penalty is None else loss + self.attention_reg * penalty.float())
+
+    def row(self, loss: float) -> dict[str, float]:
+        return {"perplexity": math.exp(min(loss, 50))}
 
 
 class Callbacks:
@@ -69,6 +109,7 @@ class TrainingData:
     images_per_batch: int
     cached: bool  # the inputs are the backbone's cached output (pooled or grid), not images
     scene_scores: SceneScores | None = None
+    collate: Callable = collate_captions  # the train loader's batches, as the objective reads them
 
 
 def training_data(vocab: Vocabulary, train_split: Split, val_split: Split, image_size: int,
@@ -89,17 +130,22 @@ def training_data(vocab: Vocabulary, train_split: Split, val_split: Split, image
 
 def captioner_and_data(splits: tuple[Split, Split], backbone: str | Path, cached: str | Path, vocab: Vocabulary,
                        params: Params, scene_scores: SceneScores | None = None) -> tuple[Captioner, TrainingData]:
-    """The captioner to train (on the pretrained `backbone` file) and its data: the (train, val)
-    `splits`, or with a frozen backbone their features in the `cached` folder."""
-    train_split, val_split = splits
+    """The captioner to train (on the pretrained `backbone` file) and its data (`data_for`)."""
     model = Captioner.build(params.model, len(vocab), torch.load(backbone, map_location="cpu", weights_only=True))
+    return model, data_for(model, splits, cached, vocab, params, scene_scores)
+
+
+def data_for(model: Captioner, splits: tuple[Split, Split], cached: str | Path, vocab: Vocabulary, params: Params,
+             scene_scores: SceneScores | None = None) -> TrainingData:
+    """The (train, val) `splits` as `model` trains on them: their images, or with a frozen
+    backbone their features in the `cached` folder."""
+    train_split, val_split = splits
     arrays = None
     if not params.model.train_backbone:  # the backbone is frozen: its output is cached
         arrays = tuple(features.read(cached, name, [r["id"] for r in split.images], model.encoder.feature_size,
                                      grid=params.model.decoder == "attention")
                        for name, split in (("train", train_split), ("val", val_split)))
-    data = training_data(vocab, train_split, val_split, params.model.image_size, params.train, arrays, scene_scores)
-    return model, data
+    return training_data(vocab, train_split, val_split, params.model.image_size, params.train, arrays, scene_scores)
 
 
 def resume_key(params: Params, vocab: Vocabulary, *inputs: Path) -> str:
@@ -197,10 +243,12 @@ class FitResult:
     seconds: float = 0.0
 
 
-def fit(model: Captioner, data: TrainingData, params: TrainParams, *, seed: int, runtime: Runtime,
-        callbacks: Callbacks, resume_path: Path | None = None) -> FitResult:
-    """Train `model` for `params.epochs` (or until early stopping); validate after each epoch and
-    keep the best epoch's weights by `params.select_metric`.
+def fit(model: Captioner, data: TrainingData, params: TrainParams | ScstParams, *, seed: int, runtime: Runtime,
+        callbacks: Callbacks, resume_path: Path | None = None, objective: Objective | None = None) -> FitResult:
+    """Train `model` for `params.epochs` (or until early stopping) on `objective` (the seed's
+    cross-entropy when None); validate after each epoch and keep the best epoch's weights by
+    `params.select_metric`. Under `ScstParams` the model as given is validated first, as epoch 0:
+    fine-tuning keeps it unless an epoch beats it.
 
     With cached features (`data.cached`) the backbone must be frozen: its output is what was
     cached. Under torchrun (`runtime.world.size` > 1) the model is wrapped in DistributedDataParallel
@@ -211,12 +259,15 @@ def fit(model: Captioner, data: TrainingData, params: TrainParams, *, seed: int,
     if data.cached and model.encoder.train_backbone:
         raise ValueError("cached features need a frozen backbone (model.train_backbone: false)")
     if data.images_per_batch < 2 * here.size:  # BatchNorm needs 2 images per process (data.EpochBatchSampler)
-        raise ParamsError(f"train.batch_size {params.batch_size} makes steps of {data.images_per_batch} image(s); "
-                          f"BatchNorm needs at least 2 per process ({here.size}): raise train.batch_size")
+        raise ParamsError(f"{params.section}.batch_size {params.batch_size} makes steps of {data.images_per_batch} "
+                          f"image(s); BatchNorm needs at least 2 per process ({here.size}): raise it")
+    objective = objective or CrossEntropy(runtime, data.cached, params.attention_reg)
     model.to(runtime.device)
     if not data.cached:
         model.encoder.backbone = runtime.channels_last(model.encoder.backbone)
-    net = accel.maybe_compile(DistributedDataParallel(model) if here.size > 1 else model, params.compile)
+    net = objective.module(model)
+    net = accel.maybe_compile(DistributedDataParallel(net) if here.size > 1 else net,
+                              isinstance(params, TrainParams) and params.compile)
     optimizer = adam(trainable_parameters(model), params.lr, runtime.device)
     resume = ResumeFile(resume_path, here)
     state = resume.load(model, optimizer)
@@ -228,9 +279,14 @@ def fit(model: Captioner, data: TrainingData, params: TrainParams, *, seed: int,
         state.seconds = time.perf_counter() - started
         resume.save(model, optimizer, state)
 
+    if isinstance(params, ScstParams) and not state.history:
+        row = {"epoch": 0, "train_loss": math.nan, **validate(model, data, runtime.device)}
+        state.history.append(row)
+        state.keep_if_best(row, model, params.select_metric)
+        callbacks.on_epoch({**row, "best_epoch": 0})
     while state.epoch < params.epochs:
         loader = epoch_loader(data, epoch_sampler(data, seed, state.epoch, runtime, state.batch), runtime)
-        train_one_epoch(net, loader, step, state, params, data.cached, callbacks, checkpoint)
+        train_one_epoch(net, loader, step, state, params, objective, callbacks, checkpoint)
         if here.size > 1:  # BatchNorm running statistics drift apart per process: use rank 0's
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, 0)
@@ -244,7 +300,8 @@ def fit(model: Captioner, data: TrainingData, params: TrainParams, *, seed: int,
                      seconds=time.perf_counter() - started)
 
 
-def end_epoch(state: ResumeState, row: dict, model: nn.Module, params: TrainParams, callbacks: Callbacks) -> bool:
+def end_epoch(state: ResumeState, row: dict, model: nn.Module, params: TrainParams | ScstParams,
+              callbacks: Callbacks) -> bool:
     """Record the epoch's validation `row`, keep the epoch if it is the best, and move `state` to
     the next epoch. True: stop early (`params.select_metric` stale for `params.patience` epochs)."""
     state.history.append(row)
@@ -266,38 +323,27 @@ def epoch_sampler(data: TrainingData, seed: int, epoch: int, runtime: Runtime, s
 def epoch_loader(data: TrainingData, sampler: EpochBatchSampler, runtime: Runtime) -> DataLoader:
     # Cached features are in memory (or, past data.IN_MEMORY_BYTES, memory-mapped in the page
     # cache): worker processes would only add start-up and copies.
-    return DataLoader(data.train, batch_sampler=sampler, collate_fn=collate_captions,
+    return DataLoader(data.train, batch_sampler=sampler, collate_fn=data.collate,
                       num_workers=0 if data.cached else runtime.compute.num_workers, pin_memory=runtime.pin_memory)
 
 
-def train_one_epoch(net: nn.Module, loader: DataLoader, step: TrainingStep, state: ResumeState, params: TrainParams,
-                    cached: bool, callbacks: Callbacks, checkpoint: Callable[[], None]) -> None:
+def train_one_epoch(net: nn.Module, loader: DataLoader, step: TrainingStep, state: ResumeState,
+                    params: TrainParams | ScstParams, objective: Objective, callbacks: Callbacks,
+                    checkpoint: Callable[[], None]) -> None:
     """Train on `loader`'s batches (the rest of epoch `state.epoch`), advancing `state` batch by
-    batch and calling `checkpoint` every `params.checkpoint_every` steps. `cached`: the inputs
-    are the backbone's cached output, not images."""
-    device, total = step.runtime.device, state.batch + len(loader)
-    criterion = nn.CrossEntropyLoss()
+    batch and calling `checkpoint` every `params.checkpoint_every` steps."""
+    total = state.batch + len(loader)
     # Summed on the device: reading it every step would sync the host with the GPU.
-    epoch_loss = torch.tensor(state.epoch_loss, device=device)
+    epoch_loss = torch.tensor(state.epoch_loss, device=step.runtime.device)
     net.train()
-    for inputs, captions, lengths, image_index in loader:
-        inputs = inputs.to(device, non_blocking=True)
-        inputs = inputs if cached else step.runtime.channels_last(inputs)
-        captions = captions.to(device, non_blocking=True)
-        targets = pack_padded_sequence(captions, lengths, batch_first=True).data
-
-        def losses():
-            logits, penalty = net(inputs, captions, lengths, image_index.to(device), cached=cached)
-            loss = criterion(logits.float(), targets)  # logged: comparable with val_loss and across decoders
-            return loss, (loss if penalty is None else loss + params.attention_reg * penalty.float())
-
-        loss = step(losses)
+    for batch in loader:
+        loss = step(lambda: objective(net, batch))
         state.batch, state.step = state.batch + 1, state.step + 1
         epoch_loss += loss
         if state.step % params.log_every == 0:  # the only host sync in the loop
             value = float(loss)
             row = {"step": state.step, "epoch": state.epoch + 1, "batch": state.batch, "batches": total,
-                   "loss": value, "perplexity": math.exp(min(value, 50))}
+                   "loss": value, **objective.row(value)}
             state.step_rows.append(row)
             callbacks.on_step(row)
         if state.step % params.checkpoint_every == 0:
