@@ -226,7 +226,7 @@ class ScstParams:
     batch_size: int = 128  # images per step, each with `samples` sampled captions
     samples: int = 5  # captions sampled per image per step
     baseline: str = "mean"  # greedy: the greedy caption's reward | mean: the other samples' mean reward
-    max_length: int = 16  # words sampled at most, <end> included
+    max_length: int = 20  # words sampled at most, <end> included
     lr: float = 5e-5
     schedule: str = "constant"  # as train.schedule
     select_metric: str = "cider"  # as train.select_metric; epoch 0 (the cross-entropy model) competes too

@@ -2,8 +2,8 @@
 (`evaluate.registered_model`), and the alias `champion` marks the team's best.
 
 The champion is chosen on validation, never on test: a new version takes the alias only when it
-beats the champion on the validation score that picked its own epoch (`train.select_metric`;
-val_loss for `last`). Each version carries its validation scores as tags, so the comparison needs
+beats the champion on the validation score that picked its own epoch (`scst.select_metric` for
+a self-critically trained checkpoint, else `train.select_metric`; val_loss for `last`). Each version carries its validation scores as tags, so the comparison needs
 nothing but the registry, and says what it compared.
 """
 

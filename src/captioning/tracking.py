@@ -8,9 +8,11 @@ repo itself: a run logged there would be lost. Every stage that logs checks the 
 (`connect`), so a server that is down stops the stage before any work, in one line.
 
 One pipeline run is one MLflow run, named after the DVC experiment. Train starts it, tagged with
-the pipeline run (`lineage.pipeline_run`) and the md5 of the checkpoint it wrote; evaluate logs
-into it when the same pipeline run trained the checkpoint, and otherwise starts a run of its own
-linked to the newest run that trained it (`evaluation_run`). Only evaluate's output names the run
+the pipeline run (`lineage.pipeline_run`) and the md5 of the checkpoint it wrote; scst logs into
+it when the same pipeline run trained that checkpoint, else into a run of its own linked to the
+run that did (`scst_run`), and tags the run with the md5 of the checkpoint it wrote. Evaluate logs
+into the run that wrote its checkpoint when the same pipeline run did, and otherwise starts a run
+of its own linked to the newest such run (`evaluation_run`). Only evaluate's output names the run
 (`reports/mlflow_run.json`): every other DVC output is the same on every box.
 """
 
@@ -420,9 +422,11 @@ def _linked_run(client: MlflowClient, params_path: str | Path, stage: str, train
     run = start_pipeline_run(params_path, stage, tags=tags, note=note, system_metrics=system_metrics)
     if trained is not None:
         # The training run's own test scores are of its own evaluation, not this one; its system
-        # metrics and stage times are of its own pipeline run.
+        # metrics and stage times are of its own pipeline run; and a new self-critical training
+        # replaces any that logged there.
+        own = ("test_", *_OWN_METRICS, *(("scst_",) if stage == "scst" else ()))
         _copy_metrics(client, trained.info.run_id, run.info.run_id,
-                      [k for k in trained.data.metrics if not k.startswith(("test_", *_OWN_METRICS))])
+                      [k for k in trained.data.metrics if not k.startswith(own)])
     return run
 
 
@@ -596,7 +600,12 @@ class TrainingLogs:
         # Wall time goes to MLflow only: in the DVC metrics file it would differ run to run.
         # The checkpoint is logged once, inside the model evaluate logs with its decoding.
         mlflow.log_metrics({f"{self.EPOCH}best_epoch": result.best_epoch, f"{self.STEP}seconds": result.seconds})
-        mlflow.set_tag(self.TAG, file_digest(checkpoint, "md5"))
+        if self.wrote(result):
+            mlflow.set_tag(self.TAG, file_digest(checkpoint, "md5"))
+
+    def wrote(self, result) -> bool:
+        """Whether the checkpoint is this training's own (how evaluate finds the run)."""
+        return True
 
     def _step(self, row: dict) -> None:
         if row["step"] > self.logged_step and row["step"] not in self.sent_steps:
@@ -622,6 +631,9 @@ class ScstLogs(TrainingLogs):
         print(f"scst epoch [{row['epoch']}/{self.epochs}], step [{row['batch']}/{row['batches']}]: "
               + ", ".join(f"{k} {row[k]:.4f}" for k in row if k not in _POSITION), flush=True)
         self._step(row)
+
+    def wrote(self, result) -> bool:
+        return result.best_epoch > 0  # epoch 0 kept: the checkpoint is train's, as it was
 
 
 _POSITION = ("step", "epoch", "batch", "batches")  # where a step row is, beside what it measured
