@@ -79,9 +79,10 @@ def main(args: argparse.Namespace) -> None:
         logs.finish(result, args.checkpoint, kept=resume)
     resume.unlink(missing_ok=True)  # finished: a rerun must start afresh, not resume
     record.unlink(missing_ok=True)
+    metric = settings.select_metric
     kept = f"epoch {result.best_epoch}" if result.best_epoch else "train's model (epoch 0)"
-    print(f"scst: {result.steps} steps in {result.seconds:.0f}s; kept {kept}, best by "
-          f"{val_key(settings.select_metric)} ({result.best[settings.select_metric]:.3f}) -> {args.checkpoint}; "
+    why = "the last" if metric == "last" else f"best by {val_key(metric)} ({result.best[metric]:.3f})"
+    print(f"scst: {result.steps} steps in {result.seconds:.0f}s; kept {kept}, {why} -> {args.checkpoint}; "
           f"MLflow run {run.info.run_name} ({run.info.run_id})")
 
 
