@@ -14,7 +14,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 
 from captioning import accel, synthetic, tracking
 from captioning.checkpoint import load_checkpoint, save_checkpoint
@@ -24,7 +23,7 @@ from captioning.metrics import val_key
 from captioning.params import load_params, parse_params
 from captioning.scst import SelfCritical, reward_for, scst_data
 from captioning.stage import run_stage
-from captioning.training import Callbacks, data_for, fit
+from captioning.training import Callbacks, data_for, fit, launch
 
 PARAMS = ("seed", "scst", "compute", "train.processes", "train.nodes")
 STEP_COLUMNS = ("step", "epoch", "loss", "reward", "baseline", "advantage", "advantage_sd")
@@ -36,13 +35,9 @@ def main(args: argparse.Namespace) -> None:
     if settings.epochs == 0:
         pass_through(args)
         return
-    accel.check_node(params.train.nodes)
-    if accel.world().is_main and accel.node_rank() == 0:
-        tracking.connect()  # a store that is down stops the stage here, before any work
-    if accel.relaunch(params.train.processes, params.train.nodes, sys.argv):
+    runtime = launch(params, sys.argv, tracking.connect)
+    if runtime is None:
         return  # trained by the torchrun processes it started
-    torch.manual_seed(params.seed)
-    runtime = accel.runtime(params.compute, distributed=True)
     model, vocab, trained_with = load_checkpoint(args.ce_checkpoint)
     ce_md5 = file_digest(args.ce_checkpoint, "md5")
     key = json.dumps([params.seed, dataclasses.asdict(settings), ce_md5, params.train.processes * params.train.nodes])

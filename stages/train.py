@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 from captioning import accel, synthetic, tracking
 from captioning.checkpoint import save_checkpoint
@@ -16,7 +15,7 @@ from captioning.metrics import val_key
 from captioning.params import load_params
 from captioning.stage import run_stage
 from captioning.text import Vocabulary
-from captioning.training import Callbacks, captioner_and_data, fit, resume_key
+from captioning.training import Callbacks, captioner_and_data, fit, launch, resume_key
 
 # What train depends on (dvc.yaml lists the same); the checkpoint stores exactly these.
 PARAMS = ("seed", "model", "features", "train", "compute")
@@ -24,13 +23,9 @@ PARAMS = ("seed", "model", "features", "train", "compute")
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params, PARAMS)
-    accel.check_node(params.train.nodes)
-    if accel.world().is_main and accel.node_rank() == 0:
-        tracking.connect()  # a store that is down stops the stage here, before any work
-    if accel.relaunch(params.train.processes, params.train.nodes, sys.argv):
+    runtime = launch(params, sys.argv, tracking.connect)
+    if runtime is None:
         return  # trained by the torchrun processes it started
-    torch.manual_seed(params.seed)
-    runtime = accel.runtime(params.compute, distributed=True)
     vocab = Vocabulary.load(args.vocab)
     key = resume_key(params, vocab, Path(args.data) / "train" / "captions.json", Path(args.backbone))
     resume = Path(args.resume_dir) / f"train-{key}.pt"

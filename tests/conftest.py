@@ -32,6 +32,21 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
+class Recorder:
+    """`training.Callbacks` that keep every row; `stop_at` a step interrupts there, as a kill would."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.steps, self.epochs, self.stop_at = [], [], stop_at
+
+    def on_step(self, row):
+        self.steps.append(row)
+        if row["step"] == self.stop_at:
+            raise KeyboardInterrupt  # as if the process were killed here
+
+    def on_epoch(self, row):
+        self.epochs.append(row)
+
+
 def venv_env() -> dict[str, str]:
     """The environment for subprocesses: this interpreter's bin dir first on PATH."""
     env = dict(os.environ)

@@ -112,7 +112,7 @@ def test_missing_inputs_of_a_stage_say_which_stage_makes_them(tmp_path):
     _fails(work, "pretrain", "models/imagenet.json: missing", "dvc repro weights")
     _fails(work, "evaluate", "data/vocab.json: missing", "dvc repro vocab")
     Vocabulary.build(["a red circle"], 1).save(work / "data" / "vocab.json")
-    _fails(work, "evaluate", "models/checkpoint.pt: no checkpoint", "dvc repro")
+    _fails(work, "evaluate", "models/checkpoint.pt: no checkpoint", "dvc repro scst")
     _fails(work, "scst", "models/ce.pt: no checkpoint", "dvc repro train")
     _fails(_work(tmp_path, **{"scst.epochs": 1}), "scst", "models/ce.pt: no checkpoint", "dvc repro train")
 

@@ -16,6 +16,7 @@ from captioning.scst import SelfCritical, advantages, policy_loss, reward_for, s
 from captioning.synthetic import scene_scores
 from captioning.text import Vocabulary
 from captioning.training import fit, training_data
+from conftest import Recorder
 
 START, END, VOCAB = 1, 2, 12
 
@@ -86,19 +87,6 @@ def test_identical_samples_have_no_advantage_under_the_mean_baseline():
 
 TRAIN = TrainParams(batch_size=40, captions_per_image=0)
 INLINE = Runtime(compute=ComputeParams(num_workers=0))
-
-
-class Recorder:
-    def __init__(self, stop_at: int | None = None):
-        self.steps, self.epochs, self.stop_at = [], [], stop_at
-
-    def on_step(self, row):
-        self.steps.append(row)
-        if row["step"] == self.stop_at:
-            raise KeyboardInterrupt  # as if the process were killed here
-
-    def on_epoch(self, row):
-        self.epochs.append(row)
 
 
 def _fine_tune(tiny_data, decoder: str, cached: bool, settings: ScstParams, callbacks=None, resume=None):

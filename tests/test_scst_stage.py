@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from captioning.io import file_digest
 from conftest import REPO, venv_env
-from pipeline_repo import TINY, histories, make_clone, merge, reset, shell
+from pipeline_repo import TINY, histories, make_clone, reset, shell
 
 pytestmark = pytest.mark.slow
 

@@ -16,25 +16,13 @@ from captioning.predict import Decoding, caption_images
 from captioning.synthetic import scene_scores
 from captioning.text import Vocabulary
 from captioning.training import fit, training_data
+from conftest import Recorder
 
 MODEL = ModelParams(backbone="resnet18", image_size=32, embed_size=32, hidden_size=48, train_backbone=True)
 # All 5 captions of an image per step: 8 images a batch, 6 steps an epoch on the 48 train images.
 TRAIN = TrainParams(epochs=2, batch_size=40, captions_per_image=0, lr=0.003, log_every=1, checkpoint_every=2,
                     select_metric="cider")
 INLINE = Runtime(compute=ComputeParams(num_workers=0))  # tiny images: worker processes would only add start-up
-
-
-class Recorder:
-    def __init__(self, stop_at: int | None = None):
-        self.steps, self.epochs, self.stop_at = [], [], stop_at
-
-    def on_step(self, row):
-        self.steps.append(row)
-        if row["step"] == self.stop_at:
-            raise KeyboardInterrupt  # as if the process were killed here
-
-    def on_epoch(self, row):
-        self.epochs.append(row)
 
 
 def _setup(tiny_data):
@@ -173,7 +161,11 @@ def test_a_format_1_checkpoint_still_loads_attending_over_layer4(tmp_path):
 
 
 def test_missing_checkpoint_says_which_stage_makes_it(tmp_path):
-    with pytest.raises(CheckpointError, match="run the train stage"):
+    with pytest.raises(CheckpointError, match="ce.pt: no checkpoint; the train stage writes it: dvc repro train"):
+        load_checkpoint(tmp_path / "ce.pt")
+    with pytest.raises(CheckpointError, match="checkpoint.pt: no checkpoint; the scst stage writes it: dvc repro scst"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="nope.pt: no checkpoint$"):
         load_checkpoint(tmp_path / "nope.pt")
 
 

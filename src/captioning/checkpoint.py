@@ -49,7 +49,8 @@ def load_checkpoint(path: str | Path, map_location="cpu", expect_vocab: Vocabula
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no checkpoint; the pipeline writes it: dvc repro {STAGE.get(path.name, '')}".rstrip())
+        made = f"; the {STAGE[path.name]} stage writes it: dvc repro {STAGE[path.name]}" if path.name in STAGE else ""
+        raise CheckpointError(f"{path}: no checkpoint{made}")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, FORMAT):
         raise CheckpointError(f"{path}: not a captioning checkpoint of format 1 or {FORMAT}")

@@ -148,6 +148,19 @@ def data_for(model: Captioner, splits: tuple[Split, Split], cached: str | Path, 
     return training_data(vocab, train_split, val_split, params.model.image_size, params.train, arrays, scene_scores)
 
 
+def launch(params: Params, argv: list[str], connect: Callable[[], object]) -> Runtime | None:
+    """This training process's `Runtime`, or None where this process only started torchrun's
+    (`train.processes` x `train.nodes` > 1). Node 0's main process checks the store (`connect`)
+    first, so a store that is down stops the stage before any work."""
+    accel.check_node(params.train.nodes)
+    if accel.world().is_main and accel.node_rank() == 0:
+        connect()
+    if accel.relaunch(params.train.processes, params.train.nodes, argv):
+        return None
+    torch.manual_seed(params.seed)
+    return accel.runtime(params.compute, distributed=True)
+
+
 def resume_key(params: Params, vocab: Vocabulary, *inputs: Path) -> str:
     """Resume state is only valid for the same data, backbone, vocab and training params.
 
