@@ -55,14 +55,31 @@ def test_frequencies_come_from_the_corpus_not_from_the_image_scored(tiny_data):
 
 
 def test_a_batch_scores_as_one_caption_at_a_time():
+    """A mixed batch: images sampled several times, with 1-5 references each, captions repeated,
+    empty, or holding words the corpus lacks."""
     references, hypotheses = _word_salad(random.Random(5), 20)
     reward = CiderD(references)
     rng = random.Random(0)
-    ids = [rng.randrange(20) for _ in range(200)]  # images sampled several times, captions repeated
-    captions = [hypotheses[i] if rng.random() < 0.5 else rng.choice(references[i]) for i in ids]
+    ids = [rng.randrange(20) for _ in range(200)]
+    captions = [rng.choice([hypotheses[i], rng.choice(references[i]), "", "zebra zebra red zebra <end>",
+                            f"{hypotheses[i]} okapi"]) for i in ids]
     batch = reward.scores(ids, captions)
     assert batch.dtype == np.float64 and batch.shape == (200,)
-    assert batch.tolist() == [CiderD(references).score(i, c) for i, c in zip(ids, captions)]
+    alone = [CiderD(references).score(i, c) for i, c in zip(ids, captions)]  # each image's references fresh
+    np.testing.assert_allclose(batch, alone, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(reward.scores(ids[::-1], captions[::-1]), batch[::-1], rtol=0, atol=1e-12)
+    assert reward.scores([], []).shape == (0,)
+
+
+def test_n_grams_outside_the_corpus_weigh_as_in_pycocoevalcap():
+    """Words no reference holds have document frequency 0; repeated, they still count as terms."""
+    references, hypotheses = _word_salad(random.Random(3), 12)
+    ids = sorted(references)
+    hypotheses = {i: f"{hypotheses[i]} zebra okapi zebra okapi" if i % 2 else f"zebra {hypotheses[i]}" for i in ids}
+    _, expected = Cider().compute_score(references, {i: [hypotheses[i]] for i in ids})
+    got = CiderD(references).scores(ids, [hypotheses[i] for i in ids])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert (got > 0).any()
 
 
 def test_the_end_token_is_rewarded_where_it_is_part_of_the_captions():
