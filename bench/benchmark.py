@@ -3,6 +3,7 @@
     python bench/benchmark.py            # ~11 min on 2 idle CPU cores; prints a markdown table last
     python bench/benchmark.py --image-sizes 64 --scale-sizes 600,2400   # other input sides, shorter scaling
     python bench/benchmark.py --only eval_beam_single,eval_beam_batched   # some pieces (and what they need)
+    python bench/benchmark.py --only reward_step,scst_step_lstm,scst_step_attention   # the SCST reward and step
     python bench/benchmark.py --device cuda --backbone resnet152 --bf16 --image-sizes 224 \
         --num-workers 8 --n-train 2000 --scale-sizes 2000,8000          # the seed's configuration on a GPU
 
@@ -24,6 +25,13 @@ memory never flatter or burden the next, and its peak RSS is its own):
 4. Peak RSS of the train epochs and of captioning.
 5. Scaling of (b): seconds per image and peak RSS of an epoch at 1k, 3k and 10k train images
    (smaller images, to stay short).
+6. The self-critical (SCST) reward against the step it serves: `captioning.reward.CiderD` with the
+   document frequencies of 12,000 synthetic train images' references (the time to count them),
+   scoring one step's 128 images x 5 samples batched (`scores`) vs one caption at a time (`score`),
+   and whether both give the same rewards; then, for each decoder (lstm, attention) of the default
+   `ModelParams`, steps with `ScstParams`' defaults on cached features (sample, reward, mean
+   baseline, policy loss, backward, Adam), the reward timed apart from the rest. No images: only
+   the captions. `--reward-module` times another version of the reward's file instead.
 
 Pieces 1, 3 and 4 run once per input side (`IMAGE_SIZES`: the seed's 224 px crop and the
 pipeline's 32 px), since which of CNN and decoder dominates the time depends on it.
@@ -37,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -61,10 +70,13 @@ from captioning.contention import QUIET_LOAD, busy_cpu_seconds, other_load, own_
 from captioning.images import Transform, resize_all
 from captioning.layout import SPLITS, Split, images_dir, read_split
 from captioning.model import Captioner
-from captioning.params import ComputeParams, DataParams, EvaluateParams, ModelParams, TrainParams
+from captioning.params import (DECODERS, ComputeParams, DataParams, EvaluateParams, ModelParams, ScstParams,
+                               TrainParams)
 from captioning.predict import Decoding, caption_images
-from captioning.synthetic import write_dataset
-from captioning.text import Vocabulary, tokenize
+from captioning.reward import CiderD
+from captioning.scst import advantages, policy_loss, words
+from captioning.synthetic import make_captions, make_scene, split_seed, write_dataset
+from captioning.text import END, Vocabulary, tokenize
 from captioning.training import fit, trainable_parameters, training_data
 
 RESIZE_SIDE = 256  # the resize stage's output, as in the seed
@@ -99,6 +111,12 @@ class Setup:
     device: str = "cpu"
     backbone: str = "resnet18"
     bf16: bool = False
+    # The self-critical pieces: the reward's document frequencies come from the references of
+    # `reward_images` train images; steps are the scst stage's (ScstParams' defaults).
+    reward_images: int = 12000
+    scst: ScstParams = ScstParams()
+    scst_steps: int = 5  # timed steps, after one untimed
+    reward_module: str = ""  # a file with another version of captioning.reward's CiderD to time instead
 
     def torch_device(self) -> torch.device:
         """The device, with the pipeline's process-wide settings for it applied."""
@@ -145,6 +163,15 @@ class Paths:
     def model(self, image_size: int) -> Path:
         """The model the `ours` piece trains at that input size, which the captioning pieces use."""
         return self.root / f"model-{image_size}px.pt"
+
+    @property
+    def references(self) -> Path:
+        """The self-critical pieces' references: image id -> captions, tokenized and ended."""
+        return self.root / "references.json"
+
+    @property
+    def reward_vocab(self) -> Path:
+        return self.root / "reward-vocab.json"
 
 
 # ---- running a piece in isolation -----------------------------------------------------------
@@ -496,6 +523,111 @@ def run_caption_seed_style(paths: Paths, setup: Setup) -> dict:
                                            "captions": [caption_one(path) for path in image_paths]})
 
 
+# ---- 6. the self-critical reward against the step ----------------------------------------------
+
+
+def prepare_references(paths: Paths, setup: Setup) -> None:
+    """The captions of `setup.reward_images` synthetic train images, as `make_sample` draws them
+    (without rendering the pixels, which no reward looks at), tokenized and ended as the reward
+    compares them; and their vocabulary."""
+    data = DataParams()
+    captions = {}
+    for index in range(setup.reward_images):
+        rng = split_seed(setup.seed, "train", index)
+        captions[index] = make_captions(make_scene(rng, data.min_side, data.max_side), rng, data.captions_per_image)
+    paths.references.write_text(json.dumps(
+        {i: [" ".join([*tokenize(c), END]) for c in caps] for i, caps in captions.items()}))
+    Vocabulary.build((c for caps in captions.values() for c in caps), threshold=1).save(paths.reward_vocab)
+
+
+def load_references(paths: Paths) -> dict[int, list[str]]:
+    return {int(i): caps for i, caps in json.loads(paths.references.read_text()).items()}
+
+
+def reward_class(setup: Setup) -> type:
+    """captioning.reward's CiderD, or that of the file `setup.reward_module`."""
+    if not setup.reward_module:
+        return CiderD
+    spec = importlib.util.spec_from_file_location("reward_under_test", setup.reward_module)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CiderD
+
+
+def run_reward(paths: Paths, setup: Setup) -> dict:
+    """The reward of one step's samples: a trained captioner's samples are captions of the
+    grammar, so half are one of the image's references and half another image's."""
+    references = load_references(paths)
+    watch = Stopwatch()
+    reward = reward_class(setup)(references)
+    frequencies = watch.stop()["seconds"]
+    rng = random.Random(setup.seed)
+    ids = list(references)
+    images = [i for i in rng.sample(ids, setup.scst.batch_size) for _ in range(setup.scst.samples)]
+    captions = [rng.choice(references[i if rng.random() < 0.5 else rng.choice(ids)]) for i in images]
+    first = Stopwatch()
+    reward.scores(images, captions)  # the images' references are weighed now, and kept
+    cold = first.stop()["seconds"]
+    batched = best_of(setup.repeats, lambda: {"scores": reward.scores(images, captions)})
+    alone = best_of(setup.repeats, lambda: {"scores": [reward.score(i, c) for i, c in zip(images, captions)]})
+    return {**watch.stop(), "frequencies_seconds": frequencies, "cold_seconds": cold,
+            "batched_seconds": batched["seconds"], "single_seconds": alone["seconds"],
+            "max_difference": float(max(abs(a - b) for a, b in zip(batched["scores"], alone["scores"]))),
+            "images": len(references), "captions": len(captions)}
+
+
+def run_scst_step(paths: Paths, setup: Setup, decoder: str) -> dict:
+    """Self-critical steps of the default model with `decoder`, on cached features (random: the
+    step's cost does not depend on them), as `scst.SelfCritical` and `fit` take them: sample with
+    gradients, reward the samples, the mean baseline, policy loss, backward, Adam. Each step takes new
+    images, as in a first epoch, so its reward weighs their references too."""
+    references, vocab = load_references(paths), Vocabulary.load(paths.reward_vocab)
+    reward = reward_class(setup)(references)
+    device = setup.torch_device()
+    torch.manual_seed(setup.seed)
+    model = Captioner.build(ModelParams(decoder=decoder), len(vocab)).to(device).train()
+    side = model.config["image_size"]
+    with torch.no_grad():
+        shape = model.encoder.cnn(torch.zeros(2, 3, side, side, device=device)).shape[1:]  # pooled (F,) or grid (P, F)
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=setup.scst.lr)
+    generator = torch.Generator(device).manual_seed(setup.seed)
+    ids = list(references)
+    images, samples = setup.scst.batch_size, setup.scst.samples
+
+    def sync() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def step(number: int) -> dict:
+        batch = [ids[(number * images + j) % len(ids)] for j in range(images)]
+        cached = torch.randn(images, *shape, device=device, generator=generator)
+        start = sync()
+        features = model.encoder.head(cached)
+        sampled, log_probs, mask = model.decoder.sample(features, vocab.start_id, vocab.end_id, samples, generator,
+                                                        setup.scst.max_length)
+        sampled_at = sync()
+        captions = [words(vocab, row) for row in sampled.tolist()]
+        rewards = reward.scores([i for i in batch for _ in range(samples)], captions)
+        rewarded_at = time.perf_counter()
+        advantage = advantages(torch.from_numpy(rewards).float().view(images, samples)).view(-1).to(device)
+        loss = policy_loss(log_probs, mask, advantage)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        end = sync()
+        return {"step": sampled_at - start + end - rewarded_at, "reward": rewarded_at - sampled_at,
+                "words": float(mask.sum()) / len(captions)}
+
+    step(0)  # first-call costs out of the timed steps
+    watch = Stopwatch()
+    steps = [step(number) for number in range(1, setup.scst_steps + 1)]
+    median = lambda key: sorted(s[key] for s in steps)[len(steps) // 2]  # noqa: E731
+    return {**watch.stop(), "step_seconds": median("step"), "reward_seconds": median("reward"),
+            "words": sum(s["words"] for s in steps) / len(steps), "steps": len(steps),
+            "images_per_step": images, "samples": samples}
+
+
 def run_imports_only(paths: Paths, setup: Setup) -> dict:
     """Nothing: the RSS of a process that has only imported torch, torchvision and captioning,
     which every other piece's peak includes."""
@@ -620,6 +752,7 @@ def shared_rows(setup: Setup, r: dict) -> list[tuple[str, ...]]:
     if "imports_only" in r:
         rows.append(("Peak RSS, MiB, of a process that only imports torch, torchvision, captioning (in every RSS above)",
                      "", f"{r['imports_only']['rss_mib']:.0f}", "", ""))
+    rows += reward_rows(setup, r)
     scaled = [r[name] for name in scale_names(setup) if name in r]
     if scaled:
         first = scaled[0]
@@ -631,6 +764,36 @@ def shared_rows(setup: Setup, r: dict) -> list[tuple[str, ...]]:
                  f"B s per epoch (ms per image), peak RSS MiB; A/B: ms per image at N={first['images']} over this",
                  "", f"{run['seconds']:.1f} s ({per_image * 1000:.2f} ms), {run['rss_mib']:.0f} MiB",
                  f"{first_per_image / per_image:.2f}x", "~1x (linear)" if run is not first else ""))
+    return rows
+
+
+def reward_rows(setup: Setup, r: dict) -> list[tuple[str, ...]]:
+    """The rows of the self-critical pieces."""
+    rows = []
+    if "reward_step" in r:
+        w = r["reward_step"]
+        ratio = w["single_seconds"] / w["batched_seconds"]
+        rows += [
+            (f"SCST reward, ms for one step's {w['captions']} captions against their images' references "
+             f"(document frequencies of {w['images']} images); A one caption at a time (`CiderD.score`), "
+             "B batched (`CiderD.scores`)", f"{w['single_seconds'] * 1000:.1f}", f"{w['batched_seconds'] * 1000:.1f}",
+             f"{ratio:.1f}x", ""),
+            ("SCST reward, ms: B with the images' references not yet weighed (each image's first step)", "",
+             f"{w['cold_seconds'] * 1000:.1f}", "", ""),
+            ("SCST reward: the document frequencies, s (`CiderD(references)`)", "",
+             f"{w['frequencies_seconds']:.2f}", "", ""),
+            ("SCST reward: largest difference between A's and B's rewards", "", f"{w['max_difference']:.1e}", "",
+             "<= 1e-12"),
+        ]
+    for decoder in DECODERS:
+        if f"scst_step_{decoder}" in r:
+            s = r[f"scst_step_{decoder}"]
+            ratio = s["step_seconds"] / s["reward_seconds"]
+            rows.append(
+                (f"SCST step, {decoder} decoder, ms ({s['images_per_step']} images x {s['samples']} samples of "
+                 f"{s['words']:.1f} words, median of {s['steps']} steps); A the step without its reward (sample, "
+                 "policy loss, backward, Adam), B the reward of its samples", f"{s['step_seconds'] * 1000:.1f}",
+                 f"{s['reward_seconds'] * 1000:.1f}", f"{ratio:.1f}x", verdict(ratio, 1)))
     return rows
 
 
@@ -654,6 +817,8 @@ def scale_names(setup: Setup) -> list[str]:
 
 # Pieces that caption with the model the "ours" piece trains and saves.
 NEEDS_MODEL = ("eval_seed_single", "eval_single", "eval_batched", "eval_beam_single", "eval_beam_batched")
+# Pieces that read the synthetic references alone (`prepare_references`), no images.
+REWARD_PIECES = ("reward_step", *(f"scst_step_{decoder}" for decoder in DECODERS))
 
 
 def sized_pieces(paths: Paths, setup: Setup) -> dict:
@@ -679,12 +844,14 @@ def shared_pieces(paths: Paths, setup: Setup) -> dict:
         "resize_ours": (run_resize_ours, paths, setup),
         **{name: (run_ours, paths, setup, n, setup.scale_image_size)
            for name, n in zip(scale_names(setup), setup.scale_sizes)},
+        "reward_step": (run_reward, paths, setup),
+        **{f"scst_step_{decoder}": (run_scst_step, paths, setup, decoder) for decoder in DECODERS},
     }
 
 
 def schedule(paths: Paths, setups: list[Setup], names: list[str]) -> dict:
     """label -> piece for the named pieces, in the order they run: the import-only process, each
-    input size's pieces (labelled name@size), then resize and scaling."""
+    input size's pieces (labelled name@size), then resize, scaling and the self-critical pieces."""
     shared = {name: piece for name, piece in shared_pieces(paths, setups[0]).items() if name in names}
     plan = {name: shared.pop(name) for name in ("imports_only",) if name in shared}
     for setup in setups:
@@ -715,12 +882,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-wait", type=float, default=60, help="seconds to wait for a quiet machine per run")
     parser.add_argument("--only", help="comma-separated pieces to run (default: all), e.g. "
                                        "eval_beam_single,eval_beam_batched; a captioning piece brings `ours`")
+    parser.add_argument("--reward-images", type=int, default=Setup.reward_images,
+                        help="train images whose references give the SCST reward's document frequencies")
+    parser.add_argument("--reward-module", default="",
+                        help="time the CiderD of this file instead of captioning.reward's (another version of it)")
     parser.add_argument("--json", help="also write the raw results (label -> measurements) to this file")
     args = parser.parse_args(argv)
     setup = dataclasses.replace(Setup(), n_train=args.n_train, n_test=args.n_test,
                                 scale_sizes=tuple(int(n) for n in args.scale_sizes.split(",")),
                                 num_workers=args.num_workers, device=args.device, backbone=args.backbone,
-                                bf16=args.bf16)
+                                bf16=args.bf16, reward_images=args.reward_images, reward_module=args.reward_module)
     setups = [dataclasses.replace(setup, image_size=int(size)) for size in args.image_sizes.split(",")]
     every = [*sized_pieces(Paths(Path()), setup), *shared_pieces(Paths(Path()), setup)]
     names = every if not args.only else args.only.split(",")
@@ -732,10 +903,13 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="caption-bench-") as tmp:
         paths = Paths(Path(tmp))
-        prepare_data(paths, setup, scaling=bool(set(names) & set(scale_names(setup))))
+        if set(names) - set(REWARD_PIECES):
+            prepare_data(paths, setup, scaling=bool(set(names) & set(scale_names(setup))))
+            warm_file_cache(paths, setup.n_train)
+        if set(names) & set(REWARD_PIECES):
+            prepare_references(paths, setup)
         print(f"[bench] data ready in {time.perf_counter() - started:.0f} s: {setup}, "
               f"input sides {args.image_sizes} px", flush=True)
-        warm_file_cache(paths, setup.n_train)
         results = {label: measured(label, piece, args.attempts, args.max_wait)
                    for label, piece in schedule(paths, setups, names).items()}
     print(f"\n[bench] total {time.perf_counter() - started:.0f} s\n")
