@@ -1,7 +1,7 @@
 """The first run on a GPU: the default pipeline with `compute.device: cuda`, then the seed's model.
 
 1. The default pipeline, stage by stage through `dvc repro`, in a scratch copy of the repo with
-   `compute.device` set: each stage's wall time. Its test captions (the evaluate stage's decoding
+   `compute.device` set, plus two epochs of self-critical training (`SCST`): each stage's wall time. Its test captions (the evaluate stage's decoding
    and batching, `predict.caption_images`) are written out; the evaluate stage itself is not run
    there, so that the server needs neither Java nor the COCO scorer's METEOR data
    (`scripts/wheels.py --slim-scorer`). `--score` scores them on a machine that has them, beside
@@ -33,12 +33,14 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("download", "resize", "vocab", "weights", "pretrain", "features", "train")
+STAGES = ("download", "resize", "vocab", "weights", "pretrain", "features", "train", "scst")
+# Self-critical training is off by default; two epochs of it here check it under bf16 on the GPU.
+SCST = {"scst": {"epochs": 2, "lr": 0.0005}}
 # --quick: the same steps on a dataset small enough for a CPU test
 QUICK = {"data": {"num_train": 40, "num_val": 8, "num_test": 8, "min_side": 100, "max_side": 160},
          "resize": {"side": 64}, "model": {"embed_size": 16, "hidden_size": 24},
          "pretrain": {"epochs": 1, "batch_size": 16}, "train": {"epochs": 1, "batch_size": 40},
-         "compute": {"num_workers": 0}}
+         "scst": {"epochs": 1, "batch_size": 8}, "compute": {"num_workers": 0}}
 
 
 def scratch_copy(target: Path) -> None:
@@ -65,7 +67,7 @@ def run_pipeline(work: Path, device: str, quick: bool) -> tuple[dict, dict]:
     from captioning.params import flatten, nest
 
     flat = flatten(yaml.safe_load((work / "params.yaml").read_text()))
-    params = nest({**flat, **flatten(QUICK if quick else {}), "compute.device": device})
+    params = nest({**flat, **flatten(SCST), **flatten(QUICK if quick else {}), "compute.device": device})
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (work / ".dvc" / "config.local").write_text("[core]\n    no_scm = true\n")  # the server's copy has no .git
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}

@@ -19,7 +19,7 @@ def test_the_gpu_script_runs_every_step_on_a_cpu_and_its_captions_score_here(tmp
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "gpu_pipeline.json").read_text())
     assert list(results["pipeline_seconds"]) == ["download", "resize", "vocab", "weights", "pretrain", "features",
-                                                 "train"]
+                                                 "train", "scst"]
     assert len(results["test_captions"]["captions"]) == 8 and results["test_captions"]["decoding"] == "beam 3, length penalty 0.5"
     seed = results["seed_model"]
     assert seed["features_images"] == 16 + 8 and seed["train_steps"] >= 1 and seed["captioned"] == 8
