@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import mlflow
+from mlflow.tracking import MlflowClient
 import pytest
 
 from captioning.compare import main
@@ -60,3 +61,21 @@ def test_console_script_reports_a_misspelt_param_without_a_traceback(store):
     assert done.returncode == 1
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("caption-compare: no param model.decodr; did you mean model.decoder")
+
+
+def test_settings_that_differ_beyond_the_grouped_params_get_a_row_each(store, capsys):
+    client = MlflowClient()
+    for start, bleu, num_test in ((10, 0.50, "300"), (30, 0.60, "2000"), (20, 0.90, "2000")):
+        run = client.create_run(experiment_id(), start_time=start)
+        for key, value in {"model.decoder": "attention", "seed": 7, "data.num_test": num_test}.items():
+            client.log_param(run.info.run_id, key, value)
+        client.log_metric(run.info.run_id, "test_bleu_4", bleu)
+        client.set_terminated(run.info.run_id)
+    main(["--by", "model.decoder", "--where", "model.decoder=attention", "--metrics", "bleu_4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "MLflow experiment captioning: 4 runs with test scores"  # seed 7 at 2000 counts once
+    assert lines[1] == "model.decoder | runs | seeds | test_bleu_4 | differs in"
+    # data.num_test 2000 is the default the store fixture's runs predate; the newest run of a seed
+    # counts, not its best.
+    assert lines[2:] == ["attention | 3 | 1,2,7 | 0.367 ± 0.208 | data.num_test=2000",
+                         "attention | 1 | 7 | 0.500 ± 0.000 | data.num_test=300"]
