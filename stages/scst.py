@@ -14,7 +14,6 @@ import shutil
 import sys
 from pathlib import Path
 
-
 from captioning import accel, synthetic, tracking
 from captioning.checkpoint import load_checkpoint, save_checkpoint
 from captioning.io import atomic_path, file_digest, read_json, write_csv_atomic, write_json_atomic

@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from captioning import accel, synthetic, tracking
 from captioning.checkpoint import save_checkpoint
 from captioning.io import write_csv_atomic, write_json_atomic

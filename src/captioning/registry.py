@@ -3,8 +3,9 @@
 
 The champion is chosen on validation, never on test: a new version takes the alias only when it
 beats the champion on the validation score that picked its own epoch (`scst.select_metric` for
-a self-critically trained checkpoint, else `train.select_metric`; val_loss for `last`). Each version carries its validation scores as tags, so the comparison needs
-nothing but the registry, and says what it compared.
+a self-critically trained checkpoint, else `train.select_metric`; val_loss for `last`). Each
+version carries its validation scores as tags, so the comparison needs nothing but the registry,
+and says what it compared.
 """
 
 from __future__ import annotations
